@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate the unet pipeline stages."""

@@ -1,0 +1,212 @@
+"""The `unet` command: ingest, validate, the dvc.yaml stages, predict and promote.
+
+Exit codes: 0 success, 1 the work failed (bad input, a gate not passed), 2 usage error.
+Errors print one line naming the file or value and the fix; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("unet")
+
+# Set before MLflow, DVC or Prefect are imported anywhere in this process or its children.
+QUIET_ENVIRONMENT = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from unet.ingest import ingest
+
+    report = ingest(Path(args.source), Path(args.dest), Path(args.spec) if args.spec else None,
+                    strict=args.strict, use_dvc=not args.no_dvc)
+    print(f"ingested {len(report.written)} case(s), {len(report.unchanged)} unchanged, {len(report.skipped)} skipped"
+          + (f"; tracked in {report.dvc_file}" if report.dvc_file else ""))
+    for case_id, reasons in report.skipped.items():
+        for reason in reasons:
+            print(f"skipped {case_id}: {reason}", file=sys.stderr)
+    return 1 if report.skipped else 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from unet.validate import validate_dataset
+
+    problems = validate_dataset(Path(args.dir))
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{args.dir}: every case is valid")
+    return 1 if problems else 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.preprocess import run
+
+    manifest = run(load_params(args.params), strict=args.strict)
+    return 1 if manifest["skipped"] and args.strict else 0
+
+
+def torchrun_command(params_path: str, extra: list[str] | None = None) -> list[str]:
+    """Build the torchrun command line for `python -m unet.train` from the train block of params."""
+    from unet.config import load_params
+
+    cfg = load_params(params_path).train
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
+               f"--max_restarts={cfg.max_restarts}"]
+    if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={cfg.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={cfg.rdzv_endpoint}",
+                    f"--rdzv_id={os.environ.get('UNET_RDZV_ID', 'unet-train')}"]
+    return command + ["-m", "unet.train", "--params", params_path, *(extra or [])]
+
+
+def _train(args: argparse.Namespace) -> int:
+    command = torchrun_command(args.params, ["--resume"] if args.resume else [])
+    log.info("running %s", shlex.join(command))
+    return subprocess.run(command).returncode
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.evaluate import run
+
+    metrics = run(load_params(args.params))
+    print_dice_table(metrics)
+    return 0
+
+
+def print_dice_table(metrics: dict) -> None:
+    print(f"{'region':<8}{'Dice mean':>10}{'Dice median':>13}{'HD95 mean (mm)':>16}")
+    for region in ("WT", "TC", "ET"):
+        values = metrics[region]
+        print(f"{region:<8}{values['dice_mean']:>10.3f}{values['dice_median']:>13.3f}{values['hd95_mean']:>16.2f}")
+    print(f"mean Dice over regions: {metrics['mean_dice']:.3f} ({metrics['num_cases']} held-out case(s))")
+
+
+def _register(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.registry import register
+
+    allow_dirty = args.allow_dirty or os.environ.get("UNET_ALLOW_DIRTY") == "1"
+    record = register(load_params(args.params), allow_dirty=allow_dirty)
+    print(f"registered {record['model_uri']}; alias {record['alias']} "
+          f"{'moved to it' if record['promoted'] else 'unchanged'}: {record['reason']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.evaluate import predict
+    from unet.tracking import configure_mlflow
+
+    if args.model.startswith(("models:/", "runs:/")):
+        configure_mlflow(load_params(args.params).tracking)
+    failures = predict(Path(args.input), Path(args.output), args.model, Path(args.spec) if args.spec else None)
+    print(f"wrote masks to {args.output}" + (f"; {len(failures)} case(s) skipped" if failures else ""))
+    return 1 if failures else 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.promote import promote, rollback
+    from unet.tracking import configure_mlflow
+
+    params = load_params(args.params)
+    configure_mlflow(params.tracking)
+    if args.rollback:
+        message = rollback(args.name, args.alias)
+    else:
+        if args.version is None:
+            raise ValueError("pass --version N to promote, or --rollback to move the alias back")
+        message = promote(args.name, args.alias, args.version, force=args.force,
+                          min_improvement=params.register.min_improvement)
+    print(message)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unet", description="Brain-tumour segmentation pipeline (U-Net, DVC, MLflow, Prefect).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="bring cases from a folder into the canonical layout under DEST")
+    p.add_argument("source", help="source folder")
+    p.add_argument("dest", help="destination folder, for example data")
+    p.add_argument("--spec", help="dataset spec (YAML) describing the source layout; BraTS names need none")
+    p.add_argument("--strict", action="store_true", help="fail on the first invalid case instead of skipping it")
+    p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add DEST` afterwards")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("validate", help="check every case of a canonical dataset; exit 1 if any is invalid")
+    p.add_argument("dir", help="dataset folder with dataset.yaml")
+    p.set_defaults(func=_validate)
+
+    for name, func, text in (("preprocess", _preprocess, "reorient, crop and normalise the ingested cases"),
+                             ("train", _train, "train with torchrun as configured in params.yaml"),
+                             ("evaluate", _evaluate, "segment and score the held-out cases"),
+                             ("register", _register, "register the model in MLflow and gate the alias")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.set_defaults(func=func)
+        if name == "preprocess":
+            p.add_argument("--strict", action="store_true", help="fail on the first invalid case")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        if name == "register":
+            p.add_argument("--allow-dirty", action="store_true", help="register despite uncommitted changes (also UNET_ALLOW_DIRTY=1); the diff is logged")
+
+    p = sub.add_parser("predict", help="segment new cases with a registered model or a checkpoint")
+    p.add_argument("-i", "--input", required=True, help="folder of cases (BraTS names, or a canonical dataset)")
+    p.add_argument("-o", "--output", required=True, help="folder for the masks, one <case_id>.nii.gz per case")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint path")
+    p.add_argument("--spec", help="dataset spec for a layout without BraTS names")
+    p.add_argument("--params", default="params.yaml", help="params file with the MLflow tracking settings")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("promote", help="move an alias (default staging) to a model version, or roll it back")
+    p.add_argument("name", help="registered model name, for example brain-tumor-unet")
+    p.add_argument("--alias", default="staging", help="alias to move (default: staging)")
+    p.add_argument("--version", help="model version to promote")
+    p.add_argument("--force", action="store_true", help="skip the mean-Dice check")
+    p.add_argument("--rollback", action="store_true", help="move the alias back to the version it held before")
+    p.add_argument("--params", default="params.yaml", help="params file with the MLflow tracking settings")
+    p.set_defaults(func=_promote)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "botocore", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI turns any failure into one line and exit 1
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

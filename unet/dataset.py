@@ -1,0 +1,175 @@
+"""Training samples: random 2D axial patches from the preprocessed volumes, with augmentation.
+
+Sharding: every epoch, the slices of the training cases are permuted with a generator seeded
+by (seed, epoch) and rank r takes every world_size-th slice from position r, so ranks see
+disjoint shards that change from epoch to epoch. Foreground oversampling: the first
+`round(foreground_fraction * batch_size)` samples of every batch are drawn from slices that
+contain tumour and centred on a tumour voxel.
+
+Each sample is generated from a generator seeded by (seed, epoch, rank, index), so a sample
+does not depend on which DataLoader worker makes it: runs are repeatable for any number of
+workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from unet.labels import labels_to_regions
+
+
+class AxialPatchDataset(Dataset):
+    """Random (C, P, P) patches of axial slices with (3, P, P) region or (P, P) class targets.
+
+    `len()` is the number of samples this rank draws per epoch; call `set_epoch` before
+    every epoch (before the DataLoader starts its workers).
+    """
+
+    def __init__(
+        self,
+        case_dirs: list[Path],
+        *,
+        patch_size: int,
+        samples_per_epoch: int,
+        batch_size: int,
+        foreground_fraction: float,
+        target: str = "regions",
+        augment: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not case_dirs:
+            raise ValueError("no training cases: the split's train list is empty")
+        self.case_dirs = [Path(d) for d in case_dirs]
+        self.patch_size = patch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.batch_size = batch_size
+        self.foreground_per_batch = int(round(foreground_fraction * batch_size))
+        self.target = target
+        self.augment = augment
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+        # Slice index: (case number, z) for every axial slice, and those with tumour.
+        self.slices: list[tuple[int, int]] = []
+        self.foreground: list[tuple[int, int]] = []
+        for number, case_dir in enumerate(self.case_dirs):
+            label = np.load(case_dir / "label.npy", mmap_mode="r")
+            has_tumour = np.asarray(label).reshape(-1, label.shape[2]).any(axis=0)
+            for z in range(label.shape[2]):
+                self.slices.append((number, z))
+                if has_tumour[z]:
+                    self.foreground.append((number, z))
+        self._images: list[np.ndarray] | None = None
+        self._labels: list[np.ndarray] | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.slices))
+        self.shard = [self.slices[i] for i in order[self.rank :: self.world_size]] or self.slices
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.foreground))
+        self.foreground_shard = [self.foreground[i] for i in order[self.rank :: self.world_size]] or self.foreground
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def _volumes(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        # Opened lazily so that each DataLoader worker maps the files itself.
+        if self._images is None:
+            self._images = [np.load(d / "image.npy", mmap_mode="r") for d in self.case_dirs]
+            self._labels = [np.load(d / "label.npy", mmap_mode="r") for d in self.case_dirs]
+        return self._images, self._labels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index])
+        images, labels = self._volumes()
+        want_tumour = (index % self.batch_size) < self.foreground_per_batch and bool(self.foreground_shard)
+        pool = self.foreground_shard if want_tumour else self.shard
+        case, z = pool[rng.integers(len(pool))]
+        image = np.asarray(images[case][:, :, :, z], dtype=np.float32)  # (C, X, Y)
+        label = np.asarray(labels[case][:, :, z])  # (X, Y)
+
+        centre = None
+        if want_tumour:
+            xs, ys = np.nonzero(label)
+            pick = rng.integers(len(xs))
+            centre = (int(xs[pick]), int(ys[pick]))
+        image, label = crop_patch(image, label, self.patch_size, rng, centre)
+        if self.augment:
+            image, label = augment_patch(image, label, rng)
+
+        if self.target == "regions":
+            target = torch.from_numpy(labels_to_regions(label).astype(np.float32))
+        else:
+            target = torch.from_numpy(label.astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(image)), target
+
+
+def crop_patch(
+    image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, centre: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a (C, size, size) patch from (C, X, Y), zero-padding sides shorter than `size`.
+
+    With `centre`, the patch contains that voxel at a random offset; otherwise its position is uniform.
+    """
+    pad = [(0, 0)] + [(0, max(size - s, 0)) for s in image.shape[1:]]
+    if any(p[1] for p in pad):
+        image = np.pad(image, pad)
+        label = np.pad(label, pad[1:])
+    starts = []
+    for axis, extent in enumerate(image.shape[1:]):
+        highest = extent - size
+        if centre is None:
+            start = int(rng.integers(highest + 1))
+        else:
+            low = max(centre[axis] - size + 1, 0)
+            start = int(rng.integers(low, min(centre[axis], highest) + 1))
+        starts.append(start)
+    window = (slice(starts[0], starts[0] + size), slice(starts[1], starts[1] + size))
+    return image[(slice(None), *window)], label[window]
+
+
+def augment_patch(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Apply random flips, rotation and scaling, intensity scale and shift, and gamma to (C, H, W) with its (H, W) labels.
+
+    Probabilities and ranges are those commonly used for BraTS (nnU-Net-like, milder):
+    flips 0.5 per axis, rotation +-15 degrees and scale 0.9-1.1 with probability 0.2,
+    per-channel intensity scale 0.9-1.1 and shift +-0.1 with probability 0.5, gamma 0.7-1.5
+    with probability 0.3.
+    """
+    for axis in (1, 2):
+        if rng.random() < 0.5:
+            image = np.flip(image, axis=axis)
+            label = np.flip(label, axis=axis - 1)
+
+    if rng.random() < 0.2:
+        angle = np.deg2rad(rng.uniform(-15, 15))
+        scale = rng.uniform(0.9, 1.1)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+        centre = (np.array(label.shape) - 1) / 2
+        offset = centre - rotation @ centre
+        image = np.stack([ndimage.affine_transform(c, rotation, offset, order=1, mode="constant") for c in image])
+        label = ndimage.affine_transform(label, rotation, offset, order=0, mode="constant")
+
+    if rng.random() < 0.5:
+        scales = rng.uniform(0.9, 1.1, size=(image.shape[0], 1, 1))
+        shifts = rng.uniform(-0.1, 0.1, size=(image.shape[0], 1, 1))
+        image = image * scales + shifts
+
+    if rng.random() < 0.3:
+        gamma = rng.uniform(0.7, 1.5)
+        low = image.min(axis=(1, 2), keepdims=True)
+        span = image.max(axis=(1, 2), keepdims=True) - low
+        span = np.where(span > 0, span, 1.0)
+        image = ((image - low) / span) ** gamma * span + low
+
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)

@@ -1,0 +1,82 @@
+"""Manual promotion and rollback of a registry alias, with the same Dice check as registration."""
+
+from __future__ import annotations
+
+import logging
+
+from unet.registry import decide_promotion
+
+log = logging.getLogger(__name__)
+
+HISTORY_TAG = "alias_history.{alias}"
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _holder(client, name: str, alias: str):
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _score(version) -> dict[str, float] | None:
+    value = version.tags.get("metric.mean_dice")
+    return {"mean_dice": float(value)} if value is not None else None
+
+
+def _move(client, name: str, alias: str, version: str, previous: str | None) -> None:
+    """Point the alias at `version` and append the move to the model's alias history tag."""
+    client.set_registered_model_alias(name, alias, version)
+    tag = HISTORY_TAG.format(alias=alias)
+    history = client.get_registered_model(name).tags.get(tag, "")
+    entries = [e for e in history.split(",") if e]
+    if previous is not None and (not entries or entries[-1] != previous):
+        entries.append(previous)
+    entries.append(version)
+    client.set_registered_model_tag(name, tag, ",".join(entries))
+
+
+def promote(name: str, alias: str, version: str, force: bool = False, min_improvement: float = 0.0) -> str:
+    """Move `alias` to `version` if its mean Dice beats the current holder (or `force`); returns a summary line."""
+    client = _client()
+    candidate = client.get_model_version(name, str(version))
+    holder = _holder(client, name, alias)
+    if not force:
+        new = _score(candidate)
+        if new is None:
+            raise ValueError(f"{name} version {version} has no metric.mean_dice tag; evaluate it first or pass --force")
+        current = _score(holder) if holder is not None else None
+        promote_it, reason = decide_promotion(new, current, min_improvement)
+        if not promote_it:
+            raise ValueError(f"not promoting {name} version {version}: {reason}; pass --force to override")
+    else:
+        reason = "forced"
+    _move(client, name, alias, str(version), holder.version if holder else None)
+    client.set_model_version_tag(name, str(version), f"promotion.{alias}", "promoted by hand")
+    client.set_model_version_tag(name, str(version), f"promotion.{alias}.reason", reason)
+    return f"{alias} -> {name} version {version} ({reason})"
+
+
+def rollback(name: str, alias: str) -> str:
+    """Move `alias` back to the version it pointed at before its last move; returns a summary line."""
+    client = _client()
+    tag = HISTORY_TAG.format(alias=alias)
+    entries = [e for e in client.get_registered_model(name).tags.get(tag, "").split(",") if e]
+    holder = _holder(client, name, alias)
+    if holder is not None and (not entries or entries[-1] != holder.version):
+        entries.append(holder.version)
+    if len(entries) < 2:
+        raise ValueError(f"{name} has no earlier version under alias {alias} to roll back to")
+    entries.pop()
+    previous = entries[-1]
+    client.set_registered_model_alias(name, alias, previous)
+    client.set_registered_model_tag(name, tag, ",".join(entries))
+    client.set_model_version_tag(name, previous, f"promotion.{alias}", f"rolled back to (from version {holder.version if holder else '?'})")
+    return f"{alias} rolled back to {name} version {previous}"

@@ -1,0 +1,423 @@
+"""Distributed training of the U-Net on 2D axial patches; the entry point that torchrun starts.
+
+Launch lines (run from the project root, next to params.yaml):
+
+    # two CPU processes on one machine, gloo backend
+    torchrun --standalone --nproc_per_node=2 -m unet.train --params params.yaml
+    # one process, no torchrun
+    python -m unet.train --params params.yaml
+    # one node of a multi-node GPU pool, NCCL backend, c10d rendezvous (run on every node)
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 \
+        --rdzv_id=JOB_ID --max_restarts=3 -m unet.train --params params.yaml
+    # or let the CLI build the torchrun line from params.yaml (train.nnodes, train.nproc_per_node, ...)
+    unet train
+
+Rank 0 alone logs to MLflow, writes checkpoints and the training history. After a torchrun
+restart (TORCHELASTIC_RESTART_COUNT > 0) training resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from unet.config import Params, load_params
+from unet.dataset import AxialPatchDataset
+from unet.inference import predict_volume
+from unet.labels import CANONICAL_LABEL_NAMES, REGION_LABELS, REGIONS, labels_to_regions
+from unet.losses import class_loss, region_loss
+from unet.model import UNet, count_parameters
+from unet.preprocess import load_manifest
+
+log = logging.getLogger("unet.train")
+
+FINAL_CHECKPOINT = "checkpoint.pt"
+LATEST_CHECKPOINT = "checkpoint_latest.pt"
+HISTORY_FILE = "train_history.csv"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; training cannot recover from that state."""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistributedContext:
+    """Join the process group torchrun describes in the environment, or run alone without one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size > 1:
+        dist.init_process_group(backend=backend)
+    return DistributedContext(rank, local_rank, world_size, device)
+
+
+def setup_logging(context: DistributedContext) -> None:
+    """Rank 0 logs at INFO; the other ranks only report warnings and errors."""
+    level = logging.INFO if context.is_main else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {context.rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        # cuBLAS needs this workspace setting for deterministic matmuls on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """Return the autocast dtype for `train.precision`, or None for fp32.
+
+    `auto` picks bf16 on CUDA devices that support it and on CPUs with native bf16
+    (AVX-512 BF16 or AMX); elsewhere it stays in fp32.
+    """
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False
+    )()
+    if precision == "bf16" or cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
+def build_model(params: Params, in_channels: int) -> UNet:
+    out_channels = len(REGIONS) if params.model.target == "regions" else len(CANONICAL_LABEL_NAMES)
+    return UNet(in_channels, out_channels, params.model.base_channels, params.model.upsampling, spatial_dims=2)
+
+
+def make_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
+    cfg = params.train
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, params: Params) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: poly (1 - t)^0.9, cosine, or constant, over all steps of the run."""
+    total = params.train.epochs * params.train.steps_per_epoch
+    kind = params.train.schedule
+
+    def factor(step: int) -> float:
+        progress = min(step / total, 1.0)
+        if kind == "poly":
+            return (1 - progress) ** 0.9
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the plain module inside DDP and torch.compile wrappers, so state dicts carry no prefixes."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    params: Params,
+    context: DistributedContext,
+    epoch: int,
+    amp_dtype: torch.dtype | None,
+) -> float:
+    """Run one epoch and return the mean loss over all ranks."""
+    model.train()
+    loss_fn = region_loss if params.model.target == "regions" else class_loss
+    memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    started = time.perf_counter()
+    for step, (images, targets) in enumerate(loader, start=1):
+        images = images.to(context.device, memory_format=memory_format, non_blocking=True)
+        targets = targets.to(context.device, non_blocking=True)
+        autocast = torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with autocast:
+            logits = model(images)
+        loss = loss_fn(logits, targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch}, step {step} (rank {context.rank}); "
+                "lower train.lr or set train.precision: fp32, then restart"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if params.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach().double().cpu()
+        count += 1
+        if context.is_main and (step % params.train.log_every == 0 or step == len(loader)):
+            rate = step * params.train.batch_size * context.world_size / (time.perf_counter() - started)
+            log.info("epoch %d step %d/%d loss %.4f lr %.2e (%.1f slices/s over all ranks)",
+                     epoch, step, len(loader), loss.item(), scheduler.get_last_lr()[0], rate)
+    summed = torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])
+    if context.world_size > 1:
+        dist.all_reduce(summed)
+    return float(summed[0] / summed[1])
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, case_dirs: list[Path], params: Params, context: DistributedContext, amp_dtype: torch.dtype | None
+) -> dict[str, float]:
+    """Whole-volume Dice per region on the validation cases, reduced over all ranks.
+
+    Each rank predicts cases[rank::world_size]; every rank joins the all_reduce even with no
+    case (or no tumour) of its own, so no collective is skipped. Dice is pooled over cases
+    (sums of intersections and sizes), and a region empty in both is scored 1.
+    """
+    plain = unwrap(model)
+    plain.eval()
+    sums = torch.zeros(len(REGIONS), 3, dtype=torch.float64)  # intersection, prediction, target
+    for case_dir in case_dirs[context.rank :: context.world_size]:
+        image = np.load(case_dir / "image.npy", mmap_mode="r")
+        label = np.load(case_dir / "label.npy")
+        predicted = predict_volume(plain, image, params.model.target, params.evaluate.batch_size,
+                                   params.evaluate.threshold, context.device, amp_dtype)
+        for index, (pred, true) in enumerate(zip(labels_to_regions(predicted), labels_to_regions(label))):
+            sums[index, 0] += float(np.logical_and(pred, true).sum())
+            sums[index, 1] += float(pred.sum())
+            sums[index, 2] += float(true.sum())
+    if context.world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    dice = {}
+    for index, region in enumerate(REGIONS):
+        intersection, predicted, target = sums[index].tolist()
+        dice[region] = 1.0 if predicted + target == 0 else 2 * intersection / (predicted + target)
+    return dice
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: a killed writer leaves the previous file intact."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def model_metadata(params: Params, manifest: dict[str, Any], model: UNet) -> dict[str, Any]:
+    """What inference needs besides the weights: architecture, target, labels and preprocessing."""
+    return {
+        "model_config": dict(model.config),
+        "target": params.model.target,
+        "regions": {region: list(REGION_LABELS[region]) for region in REGIONS},
+        "labels": {str(k): v for k, v in CANONICAL_LABEL_NAMES.items()},
+        "modalities": list(manifest["modalities"]),
+        "preprocessing": dict(manifest["settings"]),
+        "threshold": params.evaluate.threshold,
+        "params": params.to_dict(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Tracker:
+    """MLflow logging for rank 0; every method is a no-op on the other ranks."""
+
+    def __init__(self, params: Params, context: DistributedContext, out_dir: Path, resume: bool):
+        self.active = context.is_main
+        if not self.active:
+            return
+        import mlflow
+
+        from unet.lineage import environment
+        from unet.tracking import configure_mlflow, flatten, read_run_file, write_run_file
+
+        self.mlflow = mlflow
+        experiment_id = configure_mlflow(params.tracking)
+        run_id = read_run_file(out_dir)["run_id"] if resume and (out_dir / "run.json").is_file() else None
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
+        if run_id is None:
+            mlflow.log_params(flatten(params.to_dict()))
+            mlflow.set_tags({f"env.{k}": str(v) for k, v in environment().items()}
+                            | {"world_size": str(context.world_size), "device": str(context.device)})
+            write_run_file(out_dir, run.info.run_id, experiment_id)
+        log.info("MLflow run %s (experiment %s, tracking %s)", run.info.run_id, experiment_id, mlflow.get_tracking_uri())
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.mlflow.end_run(status=status)
+
+
+def train(params: Params, context: DistributedContext, resume: bool = False) -> Path:
+    """Train on the preprocessed cases; return the path of the final checkpoint (rank 0 writes it)."""
+    cfg = params.train
+    out_dir = Path(cfg.out_dir)
+    report_dir = Path(params.evaluate.report_dir)
+    manifest = load_manifest(Path(params.preprocess.out_dir))
+    data_root = Path(params.preprocess.out_dir)
+    train_dirs = [data_root / case_id for case_id in manifest["split"]["train"]]
+    val_dirs = [data_root / case_id for case_id in manifest["split"]["val"]]
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(cfg.seed + context.rank, cfg.deterministic)
+    model = build_model(params, in_channels=len(manifest["modalities"])).to(context.device)
+    if context.device.type == "cuda" and context.world_size > 1:
+        # SyncBatchNorm only runs on CUDA; on CPU each rank keeps its own batch statistics.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params)
+    scheduler = make_scheduler(optimizer, params)
+    amp_dtype = autocast_dtype(context.device, cfg.precision)
+
+    start_epoch, best_dice, history = 1, -1.0, []
+    latest = out_dir / LATEST_CHECKPOINT
+    if resume and latest.is_file():
+        state = torch.load(latest, map_location=context.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_dice, history = state["epoch"] + 1, state["best_dice"], state["history"]
+        _restore_rng(state["rng"][context.rank] if context.rank < len(state["rng"]) else state["rng"][0])
+        log.info("resumed from %s at epoch %d", latest, start_epoch)
+
+    wrapped: nn.Module = model
+    if context.world_size > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+
+    dataset = AxialPatchDataset(
+        train_dirs, patch_size=cfg.patch_size, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
+        batch_size=cfg.batch_size, foreground_fraction=cfg.foreground_fraction, target=params.model.target,
+        seed=cfg.seed, rank=context.rank, world_size=context.world_size,
+    )
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, drop_last=True, num_workers=cfg.num_workers,
+                        pin_memory=context.device.type == "cuda")
+
+    tracker = Tracker(params, context, out_dir, resume=resume and start_epoch > 1)
+    if context.is_main:
+        log.info("settings: %d train / %d val cases, %d slices (%d with tumour), base_channels %d (%d parameters), "
+                 "%s, %d process(es) on %s, autocast %s, %d epochs x %d steps x batch %d",
+                 len(train_dirs), len(val_dirs), len(dataset.slices), len(dataset.foreground), params.model.base_channels,
+                 count_parameters(model), params.model.target, context.world_size, context.device, amp_dtype,
+                 cfg.epochs, cfg.steps_per_epoch, cfg.batch_size)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            dataset.set_epoch(epoch)
+            loss = train_one_epoch(wrapped, loader, optimizer, scheduler, params, context, epoch, amp_dtype)
+            val_dice = validate(wrapped, val_dirs, params, context, amp_dtype) if val_dirs else {}
+            mean_dice = float(np.mean(list(val_dice.values()))) if val_dice else float("nan")
+            row = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
+                   **{f"val_dice_{r}": val_dice.get(r, float("nan")) for r in REGIONS}, "val_dice_mean": mean_dice,
+                   "seconds": time.perf_counter() - started}
+            history.append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=epoch)
+            log.info("epoch %d/%d done: loss %.4f%s (%.0f s)", epoch, cfg.epochs, loss,
+                     f", val Dice {mean_dice:.3f}" if val_dice else "", row["seconds"])
+
+            if context.is_main:
+                metadata = model_metadata(params, manifest, unwrap(model))
+                improved = bool(val_dice) and mean_dice > best_dice
+                best_dice = max(best_dice, mean_dice) if val_dice else best_dice
+                save_checkpoint(latest, {
+                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice, "history": history,
+                    "rng": [_rng_state()], **metadata,
+                })
+                # Without validation cases the last epoch's weights are the final model.
+                if improved or not val_dirs:
+                    save_checkpoint(out_dir / FINAL_CHECKPOINT, {"model": unwrap(model).state_dict(), "epoch": epoch,
+                                                                 "val_dice": val_dice, **metadata})
+                write_history(report_dir / HISTORY_FILE, history)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return out_dir / FINAL_CHECKPOINT
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unet.train", description="Train the U-Net (start it with torchrun for DDP).")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in train.out_dir (automatic after a torchrun restart)")
+    args = parser.parse_args(argv)
+
+    context = setup_distributed()
+    setup_logging(context)
+    try:
+        params = load_params(args.params)
+        resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        train(params, context, resume=resume)
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as error:
+        log.error("training failed: %s", error)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
