@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +77,14 @@ def strip_nifti_suffix(name: str) -> str:
 def load_volume(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a whole NIfTI volume, returning (array, image); a trailing singleton 4th axis is dropped.
 
-    Reading the whole array (not only the header) is what detects truncated or corrupt gzip.
+    Reading the whole array detects truncated files and most corrupt gzip streams, but nibabel
+    stops before the gzip CRC trailer; `unet.validate.validate_case` also checks the CRC.
     Raises ValueError with the file name and the fix for unreadable or non-3D files.
     """
     try:
         image = nib.load(str(path))
         array = np.asarray(image.dataobj, dtype=dtype)
-    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as error:
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise ValueError(f"{path}: cannot read NIfTI ({error}); re-export or re-download the file") from error
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
@@ -160,7 +162,10 @@ def read_dataset(data_dir: Path) -> DatasetInfo:
         raise FileNotFoundError(
             f"{spec_path} not found; `unet ingest SOURCE {data_dir}` writes it (or check the data directory)"
         )
-    raw = yaml.safe_load(spec_path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(spec_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{spec_path}: invalid YAML ({error}); re-run `unet ingest` to rewrite it") from error
     try:
         return DatasetInfo(
             name=str(raw["name"]),

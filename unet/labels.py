@@ -44,6 +44,9 @@ class LabelConvention:
         count, and any non-integer value.
         """
         values, counts = np.unique(label_map, return_counts=True)
+        non_finite = int(np.count_nonzero(~np.isfinite(label_map))) if np.issubdtype(label_map.dtype, np.floating) else 0
+        if non_finite:
+            raise ValueError(f"case {case_id}: label map has {non_finite} NaN or infinite voxels; re-export the label file")
         non_integer = [float(v) for v in values if float(v) != round(float(v))]
         if non_integer:
             raise ValueError(
@@ -100,6 +103,9 @@ def get_convention(name_or_mapping: str | dict) -> LabelConvention:
     """Return a named convention, or build a custom one from an explicit {source: canonical} mapping."""
     if isinstance(name_or_mapping, dict):
         mapping = {int(k): int(v) for k, v in name_or_mapping.items()}
+        negative = sorted(k for k in mapping if k < 0)
+        if negative:
+            raise ValueError(f"label mapping has negative source values {negative}; label maps hold values >= 0")
         bad = {k: v for k, v in mapping.items() if v not in CANONICAL_LABEL_NAMES}
         if bad:
             raise ValueError(f"label mapping {bad} targets values outside the canonical labels 0-3")

@@ -1,0 +1,164 @@
+"""End to end: ingest crops of real cases, `dvc repro` all stages, check the registry and predict.
+
+Runs in a temporary git repository holding a copy of this project, with real DVC, MLflow on
+SQLite and torchrun with two gloo processes; takes about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PARAMS = {
+    "data": {"test_cases": ["BraTS2021_00006"]},
+    "preprocess": {"num_workers": 1},
+    "model": {"base_channels": 4},
+    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "patch_size": 32, "log_every": 1},
+    "evaluate": {"batch_size": 8},
+}
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd).stdout.strip()
+
+
+def _copy_project(dest: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        source = REPO / name
+        if not source.is_file() or name in ("data.dvc", "dvc.lock") or name.startswith(("tests/", "docs/", "benchmarks/")):
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+@pytest.fixture(scope="module")
+def pipeline(cropped_source, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("project")
+    _copy_project(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for block, values in TINY_PARAMS.items():
+        params[block].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "project")
+
+    ingest = _run(["unet", "ingest", str(cropped_source), "data"], repo)
+    _git(repo, "add", "data.dvc", ".gitignore")
+    _git(repo, "commit", "-qm", "data")
+    first = _run(["dvc", "repro"], repo)
+    second = _run(["dvc", "repro"], repo)
+    return {"repo": repo, "ingest": ingest, "first": first, "second": second, "commit": _git(repo, "rev-parse", "HEAD")}
+
+
+def test_pipeline_writes_region_metrics(pipeline):
+    metrics = json.loads((pipeline["repo"] / "metrics.json").read_text())
+    assert metrics["split"]["test"] == ["BraTS2021_00006"]
+    for region in ("WT", "TC", "ET"):
+        assert 0.0 <= metrics[region]["dice_mean"] <= 1.0
+        assert 0.0 <= metrics[region]["hd95_mean"] <= 373.13
+    assert metrics["num_cases"] == 1
+
+
+def test_pipeline_second_repro_is_noop(pipeline):
+    output = pipeline["second"].stdout + pipeline["second"].stderr
+    assert "Running stage" not in output
+    assert "up to date" in output
+
+
+def test_pipeline_trained_with_two_processes(pipeline):
+    output = pipeline["first"].stdout + pipeline["first"].stderr
+    assert "2 process(es) on cpu" in output
+    history = (pipeline["repo"] / "reports" / "train_history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss,lr")
+    assert len(history) == 3  # header + 2 epochs
+
+
+def test_pipeline_registers_staging_with_lineage(pipeline):
+    import mlflow
+    from mlflow import MlflowClient
+
+    repo = pipeline["repo"]
+    registration = json.loads((repo / "registration.json").read_text())
+    assert registration["promoted"] is True
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("brain-tumor-unet", "staging")
+    data_md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert version.tags["git.commit"] == pipeline["commit"]
+    assert version.tags["git.dirty"] == "false"
+    assert version.tags["data.dvc_md5"] == data_md5
+    assert version.tags["preprocessed.dvc_md5"].endswith(".dir")
+    assert version.tags["split.test"] == "BraTS2021_00006"
+    runs = client.search_runs([client.get_experiment_by_name("brain-tumor-unet").experiment_id])
+    assert len(runs) == 1  # rank 0 alone talks to MLflow
+    assert runs[0].data.tags["world_size"] == "2"
+    assert "test_mean_dice" in runs[0].data.metrics
+
+
+def test_pipeline_checkpoint_loads_into_plain_model(pipeline):
+    import torch
+
+    from unet.inference import load_checkpoint
+
+    path = pipeline["repo"] / "model" / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in state["model"])
+    model, metadata = load_checkpoint(path)
+    assert metadata["modalities"] == ["t1", "t1c", "t2", "flair"]
+    assert metadata["target"] == "regions"
+    with torch.no_grad():
+        assert model(torch.zeros(3, 4, 35, 21)).shape == (3, 3, 35, 21)
+
+
+def test_predict_from_registry_keeps_geometry(pipeline, cropped_source, tmp_path):
+    repo = pipeline["repo"]
+    out = tmp_path / "masks"
+    _run(["unet", "predict", "-i", str(cropped_source), "-o", str(out), "--model", "models:/brain-tumor-unet@staging"], repo)
+    for case_dir in sorted(cropped_source.iterdir()):
+        mask = nib.load(str(out / f"{case_dir.name}.nii.gz"))
+        reference = nib.load(str(case_dir / f"{case_dir.name}_t1.nii.gz"))
+        assert mask.shape == reference.shape
+        assert np.array_equal(mask.affine, reference.affine)
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2, 3}
+
+
+def test_register_refuses_dirty_tree(pipeline):
+    repo = pipeline["repo"]
+    params = repo / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("min_improvement: 0.0", "min_improvement: 0.01"))
+        result = subprocess.run(["unet", "register"], cwd=repo, env=_environment(), capture_output=True, text=True)
+    finally:
+        params.write_text(original)
+    assert result.returncode == 1
+    assert "uncommitted changes in params.yaml" in result.stderr
+    assert "--allow-dirty" in result.stderr
