@@ -58,7 +58,7 @@ def promote(name: str, alias: str, version: str, force: bool = False, min_improv
             raise ValueError(f"not promoting {name} version {version}: {reason}; pass --force to override")
     else:
         reason = "forced"
-    _move(client, name, alias, str(version), holder.version if holder else None)
+    _move(client, name, alias, str(version), str(holder.version) if holder else None)
     client.set_model_version_tag(name, str(version), f"promotion.{alias}", "promoted by hand")
     client.set_model_version_tag(name, str(version), f"promotion.{alias}.reason", reason)
     return f"{alias} -> {name} version {version} ({reason})"
@@ -70,8 +70,8 @@ def rollback(name: str, alias: str) -> str:
     tag = HISTORY_TAG.format(alias=alias)
     entries = [e for e in client.get_registered_model(name).tags.get(tag, "").split(",") if e]
     holder = _holder(client, name, alias)
-    if holder is not None and (not entries or entries[-1] != holder.version):
-        entries.append(holder.version)
+    if holder is not None and (not entries or entries[-1] != str(holder.version)):
+        entries.append(str(holder.version))
     if len(entries) < 2:
         raise ValueError(f"{name} has no earlier version under alias {alias} to roll back to")
     entries.pop()

@@ -1,0 +1,106 @@
+"""Training entry point: one process without torchrun, the non-finite-loss stop, determinism, launch lines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from unet.cli import torchrun_command
+from unet.config import params_from_dict
+from unet.ingest import ingest
+from unet.preprocess import run as preprocess
+
+TINY = {
+    "data": {"test_cases": ["BraTS2021_00006"]},
+    "preprocess": {"num_workers": 1},
+    "model": {"base_channels": 4},
+    "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "patch_size": 32, "log_every": 1,
+              "nproc_per_node": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(cropped_source, tmp_path_factory) -> Path:
+    """A folder with ingested and preprocessed crops of real cases, and a tiny params.yaml."""
+    root = tmp_path_factory.mktemp("train")
+    ingest(cropped_source, root / "data", use_dvc=False)
+    raw = {block: dict(values) for block, values in TINY.items()}
+    raw["data"]["dir"] = str(root / "data")
+    raw["preprocess"]["out_dir"] = str(root / "preprocessed")
+    preprocess(params_from_dict(raw))
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def _train(workdir: Path, out_dir: str, preprocessed: Path | None = None, **train_overrides) -> subprocess.CompletedProcess:
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    if preprocessed is not None:
+        raw["preprocess"]["out_dir"] = str(preprocessed)
+    raw["train"].update({"out_dir": str(workdir / out_dir), **train_overrides})
+    raw["evaluate"] = {"report_dir": str(workdir / out_dir / "reports")}
+    params_path = workdir / f"{out_dir}.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    return subprocess.run([sys.executable, "-m", "unet.train", "--params", str(params_path)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_single_process_without_torchrun(workdir):
+    result = _train(workdir, "single")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 process(es) on cpu" in result.stdout
+    assert (workdir / "single" / "checkpoint.pt").is_file()
+    assert (workdir / "single" / "checkpoint_latest.pt").is_file()
+
+
+def test_train_deterministic_weights_identical(workdir):
+    first = _train(workdir, "run_a", deterministic=True, precision="fp32")
+    second = _train(workdir, "run_b", deterministic=True, precision="fp32")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert second.returncode == 0, second.stdout + second.stderr
+    weights_a = torch.load(workdir / "run_a" / "checkpoint.pt", weights_only=False)["model"]
+    weights_b = torch.load(workdir / "run_b" / "checkpoint.pt", weights_only=False)["model"]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+
+
+def test_train_stops_on_non_finite_loss(workdir, tmp_path):
+    broken = tmp_path / "preprocessed"
+    shutil.copytree(workdir / "preprocessed", broken)
+    for image_path in broken.glob("*/image.npy"):
+        image = np.load(image_path)
+        image[:] = np.nan
+        np.save(image_path, image)
+    result = _train(workdir, "nan_run", preprocessed=broken)
+    assert result.returncode == 1
+    assert "loss is nan at epoch 1, step 1" in result.stdout
+
+
+def test_torchrun_command_standalone(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"nproc_per_node": 2}}))
+    command = torchrun_command(str(params))
+    assert "--standalone" in command
+    assert "--nproc_per_node=2" in command
+    assert command[-4:] == ["-m", "unet.train", "--params", str(params)]
+
+
+def test_torchrun_command_multi_node(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"nnodes": 4, "nproc_per_node": 8, "rdzv_endpoint": "node0:29400",
+                                                "max_restarts": 3}}))
+    command = torchrun_command(str(params))
+    assert "--standalone" not in command
+    assert "--nnodes=4" in command
+    assert "--rdzv_backend=c10d" in command
+    assert "--rdzv_endpoint=node0:29400" in command
+    assert "--max_restarts=3" in command
