@@ -27,7 +27,7 @@ def client(tmp_path, monkeypatch):
 def test_promote_better_version(client):
     client.set_registered_model_alias(NAME, "staging", "1")
     message = promote(NAME, "staging", "2")
-    assert client.get_model_version_by_alias(NAME, "staging").version == "2"
+    assert str(client.get_model_version_by_alias(NAME, "staging").version) == "2"
     assert "beats 0.5000" in message
 
 
@@ -35,13 +35,13 @@ def test_promote_worse_version_rejected(client):
     client.set_registered_model_alias(NAME, "staging", "2")
     with pytest.raises(ValueError, match="does not beat 0.7000.*--force"):
         promote(NAME, "staging", "3")
-    assert client.get_model_version_by_alias(NAME, "staging").version == "2"
+    assert str(client.get_model_version_by_alias(NAME, "staging").version) == "2"
 
 
 def test_promote_force_overrides_gate(client):
     client.set_registered_model_alias(NAME, "staging", "2")
     promote(NAME, "staging", "3", force=True)
-    assert client.get_model_version_by_alias(NAME, "staging").version == "3"
+    assert str(client.get_model_version_by_alias(NAME, "staging").version) == "3"
     assert client.get_model_version(NAME, "3").tags["promotion.staging.reason"] == "forced"
 
 
@@ -49,7 +49,7 @@ def test_rollback_returns_previous_version(client):
     promote(NAME, "staging", "1")
     promote(NAME, "staging", "2")
     message = rollback(NAME, "staging")
-    assert client.get_model_version_by_alias(NAME, "staging").version == "1"
+    assert str(client.get_model_version_by_alias(NAME, "staging").version) == "1"
     assert message == f"staging rolled back to {NAME} version 1"
 
 
