@@ -137,6 +137,27 @@ def test_pipeline_checkpoint_loads_into_plain_model(pipeline):
         assert model(torch.zeros(3, 4, 35, 21)).shape == (3, 3, 35, 21)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 32, 32), (3, 4, 37, 51)])
+def test_registered_model_serves_any_size(pipeline, shape):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline['repo'] / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/brain-tumor-unet@staging")
+    logits = model.predict(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    assert logits.shape == (shape[0], 3, *shape[2:])
+
+
+def test_registered_model_requirements_have_no_local_label(pipeline):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline['repo'] / 'mlflow.db'}")
+    local = Path(mlflow.artifacts.download_artifacts("models:/brain-tumor-unet@staging"))
+    requirements = (local / "requirements.txt").read_text().splitlines()
+    torch_lines = [line for line in requirements if line.startswith("torch")]
+    assert torch_lines == [torch_lines[0]]
+    assert "+" not in torch_lines[0]
+
+
 def test_predict_from_registry_keeps_geometry(pipeline, cropped_source, tmp_path):
     repo = pipeline["repo"]
     out = tmp_path / "masks"

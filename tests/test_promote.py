@@ -68,3 +68,26 @@ def test_rollback_without_history_fails(client):
 def test_decide_promotion(new, current, margin, expected):
     promote_it, _ = decide_promotion({"mean_dice": new}, None if current is None else {"mean_dice": current}, margin)
     assert promote_it is expected
+
+
+def test_decide_promotion_rejects_region_drop():
+    new = {"mean_dice": 0.80, "WT": 0.95, "TC": 0.85, "ET": 0.60}
+    current = {"mean_dice": 0.75, "WT": 0.90, "TC": 0.65, "ET": 0.70}
+    promote_it, reason = decide_promotion(new, current, 0.0, max_region_drop=0.05)
+    assert promote_it is False
+    assert "ET Dice drops by 0.1000 (0.7000 -> 0.6000)" in reason
+
+
+def test_decide_promotion_allows_small_region_drop():
+    new = {"mean_dice": 0.80, "WT": 0.95, "TC": 0.80, "ET": 0.66}
+    current = {"mean_dice": 0.75, "WT": 0.90, "TC": 0.65, "ET": 0.70}
+    promote_it, _ = decide_promotion(new, current, 0.0, max_region_drop=0.05)
+    assert promote_it is True
+
+
+def test_promote_checks_region_drop(client):
+    for version, et in (("1", "0.80"), ("2", "0.40")):
+        client.set_model_version_tag(NAME, version, "metric.dice_ET", et)
+    client.set_registered_model_alias(NAME, "staging", "1")
+    with pytest.raises(ValueError, match="ET Dice drops by 0.4000"):
+        promote(NAME, "staging", "2", max_region_drop=0.05)

@@ -29,8 +29,8 @@ QUIET_ENVIRONMENT = {
 def _ingest(args: argparse.Namespace) -> int:
     from unet.ingest import ingest
 
-    report = ingest(Path(args.source), Path(args.dest), Path(args.spec) if args.spec else None,
-                    strict=args.strict, use_dvc=not args.no_dvc)
+    report = ingest(args.source, Path(args.dest), Path(args.spec) if args.spec else None,
+                    strict=args.strict, use_dvc=not args.no_dvc, endpoint_url=args.endpoint_url, region=args.region)
     print(f"ingested {len(report.written)} case(s), {len(report.unchanged)} unchanged, {len(report.skipped)} skipped"
           + (f"; tracked in {report.dvc_file}" if report.dvc_file else ""))
     for case_id, reasons in report.skipped.items():
@@ -132,7 +132,8 @@ def _promote(args: argparse.Namespace) -> int:
         if args.version is None:
             raise ValueError("pass --version N to promote, or --rollback to move the alias back")
         message = promote(args.name, args.alias, args.version, force=args.force,
-                          min_improvement=params.register.min_improvement)
+                          min_improvement=params.register.min_improvement,
+                          max_region_drop=params.register.max_region_drop)
     print(message)
     return 0
 
@@ -142,12 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="bring cases from a folder into the canonical layout under DEST")
-    p.add_argument("source", help="source folder")
+    p = sub.add_parser("ingest", help="bring cases from a folder or an S3 prefix into the canonical layout under DEST")
+    p.add_argument("source", help="source folder, or s3://bucket/prefix to download first (cached in DEST's parent/.ingest-cache)")
     p.add_argument("dest", help="destination folder, for example data")
     p.add_argument("--spec", help="dataset spec (YAML) describing the source layout; BraTS names need none")
     p.add_argument("--strict", action="store_true", help="fail on the first invalid case instead of skipping it")
     p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add DEST` afterwards")
+    p.add_argument("--endpoint-url", help="S3 endpoint URL for an s3:// source, for example http://localhost:9000 "
+                   "for MinIO (default: AWS_ENDPOINT_URL or the AWS endpoint of the region)")
+    p.add_argument("--region", help="AWS region for an s3:// source (default: AWS_REGION, AWS_DEFAULT_REGION "
+                   "or ~/.aws/config)")
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("validate", help="check every case of a canonical dataset; exit 1 if any is invalid")

@@ -134,6 +134,8 @@ class EvaluateConfig:
     """Sigmoid threshold for region outputs."""
     hd95_penalty_mm: float = 373.13
     """HD95 given when exactly one of prediction and label is empty (BraTS rule)."""
+    tta_mirroring: bool = False
+    """Average the probabilities over flips of both in-plane axes (4 forward passes per slice)."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
@@ -163,12 +165,15 @@ class RegisterConfig:
     alias: str = "staging"
     min_improvement: float = 0.0
     """Mean Dice the new version must add over the version holding the alias."""
+    max_region_drop: float = 0.05
+    """Largest Dice drop allowed in any single region (WT, TC, ET) against the alias holder."""
     allow_dirty: bool = False
     """Register even when code, params or dvc.yaml have uncommitted changes."""
     out_file: str = "registration.json"
 
     def __post_init__(self) -> None:
         _require(self.min_improvement >= 0, "register.min_improvement", self.min_improvement, "a number >= 0")
+        _require(self.max_region_drop >= 0, "register.max_region_drop", self.max_region_drop, "a number >= 0")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from unet.registry import decide_promotion
+from unet.registry import decide_promotion, version_scores
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,6 @@ def _holder(client, name: str, alias: str):
         return None
 
 
-def _score(version) -> dict[str, float] | None:
-    value = version.tags.get("metric.mean_dice")
-    return {"mean_dice": float(value)} if value is not None else None
-
-
 def _move(client, name: str, alias: str, version: str, previous: str | None) -> None:
     """Point the alias at `version` and append the move to the model's alias history tag."""
     client.set_registered_model_alias(name, alias, version)
@@ -43,17 +38,19 @@ def _move(client, name: str, alias: str, version: str, previous: str | None) -> 
     client.set_registered_model_tag(name, tag, ",".join(entries))
 
 
-def promote(name: str, alias: str, version: str, force: bool = False, min_improvement: float = 0.0) -> str:
+def promote(
+    name: str, alias: str, version: str, force: bool = False, min_improvement: float = 0.0, max_region_drop: float = 1.0
+) -> str:
     """Move `alias` to `version` if its mean Dice beats the current holder (or `force`); returns a summary line."""
     client = _client()
     candidate = client.get_model_version(name, str(version))
     holder = _holder(client, name, alias)
     if not force:
-        new = _score(candidate)
+        new = version_scores(candidate.tags)
         if new is None:
             raise ValueError(f"{name} version {version} has no metric.mean_dice tag; evaluate it first or pass --force")
-        current = _score(holder) if holder is not None else None
-        promote_it, reason = decide_promotion(new, current, min_improvement)
+        current = version_scores(holder.tags) if holder is not None else None
+        promote_it, reason = decide_promotion(new, current, min_improvement, max_region_drop)
         if not promote_it:
             raise ValueError(f"not promoting {name} version {version}: {reason}; pass --force to override")
     else:

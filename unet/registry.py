@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from unet.config import Params, load_params
+from unet.config import Params
+from unet.labels import REGIONS
 from unet.lineage import dvc_hashes, dvc_remote_url, environment, git_state, installed_packages, params_hash
 from unet.tracking import configure_mlflow, read_run_file
 
@@ -89,19 +90,33 @@ def log_model(checkpoint: Path, metadata: dict[str, Any]):
     )
 
 
-def _mean_dice_of(client, name: str, version: str) -> float | None:
-    tags = client.get_model_version(name, version).tags
-    return float(tags["metric.mean_dice"]) if "metric.mean_dice" in tags else None
-
-
-def decide_promotion(new: dict[str, float], current: dict[str, float] | None, min_improvement: float) -> tuple[bool, str]:
-    """Return (promote, reason) comparing mean Dice of the new version with the alias holder's."""
+def decide_promotion(
+    new: dict[str, float], current: dict[str, float] | None, min_improvement: float, max_region_drop: float = 1.0
+) -> tuple[bool, str]:
+    """Return (promote, reason): the new version must beat the holder's mean Dice by more than
+    `min_improvement`, and no region present in both score sets may drop by more than `max_region_drop`."""
     if current is None:
         return True, "no version holds the alias"
+    drops = {region: current[region] - new[region] for region in REGIONS if region in new and region in current}
+    worst = max(drops, key=drops.get) if drops else None
+    if worst is not None and drops[worst] > max_region_drop:
+        return False, (f"{worst} Dice drops by {drops[worst]:.4f} ({current[worst]:.4f} -> {new[worst]:.4f}), "
+                       f"more than register.max_region_drop {max_region_drop}")
     margin = new["mean_dice"] - current["mean_dice"]
     if margin > min_improvement:
         return True, f"mean Dice {new['mean_dice']:.4f} beats {current['mean_dice']:.4f} by {margin:.4f} (> {min_improvement})"
     return False, f"mean Dice {new['mean_dice']:.4f} does not beat {current['mean_dice']:.4f} by more than {min_improvement}"
+
+
+def version_scores(tags: dict[str, str]) -> dict[str, float] | None:
+    """Read the mean and per-region Dice that registration stored as version tags (None if absent)."""
+    if "metric.mean_dice" not in tags:
+        return None
+    scores = {"mean_dice": float(tags["metric.mean_dice"])}
+    for region in REGIONS:
+        if f"metric.dice_{region}" in tags:
+            scores[region] = float(tags[f"metric.dice_{region}"])
+    return scores
 
 
 def register(params: Params, root: Path = Path("."), allow_dirty: bool = False) -> dict[str, Any]:
@@ -157,9 +172,8 @@ def register(params: Params, root: Path = Path("."), allow_dirty: bool = False) 
     current = None
     try:
         holder = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
-        holder_dice = _mean_dice_of(client, cfg.model_name, holder.version)
-        current = {"version": holder.version, "mean_dice": holder_dice if holder_dice is not None else -1.0,
-                   "split": holder.tags.get("split.test")}
+        current = {"version": holder.version, "split": holder.tags.get("split.test"),
+                   **(version_scores(holder.tags) or {"mean_dice": -1.0})}
     except mlflow.exceptions.MlflowException:
         holder = None
     if current is not None and current["split"] != lineage["split.test"]:
@@ -167,7 +181,7 @@ def register(params: Params, root: Path = Path("."), allow_dirty: bool = False) 
         promote, reason = False, (f"version {current['version']} was evaluated on cases {current['split']}, "
                                   f"this one on {lineage['split.test']}; promote by hand if intended")
     else:
-        promote, reason = decide_promotion(new_scores, current, cfg.min_improvement)
+        promote, reason = decide_promotion(new_scores, current, cfg.min_improvement, cfg.max_region_drop)
     if promote:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
     client.set_model_version_tag(cfg.model_name, version.version, f"promotion.{cfg.alias}", "promoted" if promote else "rejected")
