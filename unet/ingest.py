@@ -172,12 +172,33 @@ def _copy_image(source: Path, target: Path) -> None:
         write_bytes_atomic(gzip.compress(source.read_bytes(), compresslevel=6, mtime=0), target)
 
 
-def _source_record(case: CaseFiles, source: Path) -> dict[str, dict[str, Any]]:
+def _source_record(case: CaseFiles, source: Path, objects: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Describe each source file of a case; `objects` adds the S3 ETag of files staged from S3."""
     files = {**case.images, **({"label": case.label} if case.label else {}), **({"mask": case.mask} if case.mask else {})}
-    return {
-        role: {"source": path.relative_to(source).as_posix(), "sha256": sha256_file(path), "size": path.stat().st_size}
-        for role, path in files.items()
-    }
+    record = {}
+    for role, path in files.items():
+        relative = path.relative_to(source).as_posix()
+        record[role] = {"source": relative, "sha256": sha256_file(path), "size": path.stat().st_size}
+        if relative in objects:
+            record[role]["etag"] = objects[relative]["etag"]
+    return record
+
+
+def _stage_s3_source(
+    uri: str, dest: Path, cache_dir: Path | None, endpoint_url: str | None, region: str | None
+) -> tuple[str, Path, dict[str, dict[str, Any]]]:
+    """Download the objects under `uri` into <cache_dir>/<bucket>/<prefix>; return (normalised URI, that folder, objects).
+
+    The default cache_dir is <DEST parent>/.ingest-cache, outside DEST so that `dvc add DEST`
+    does not version the raw download. The staging folder's name, which a source without a
+    spec gives the dataset, thus comes from the URI alone.
+    """
+    from unet.s3 import download_prefix, parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(uri)
+    staging = (Path(cache_dir) if cache_dir else Path(dest).resolve().parent / ".ingest-cache") / bucket / prefix
+    objects = download_prefix(uri, staging, endpoint_url=endpoint_url, region=region)
+    return f"s3://{bucket}/{prefix}", staging, objects
 
 
 def write_case(case: CaseFiles, dest: Path) -> None:
@@ -222,21 +243,32 @@ def track_with_dvc(dest: Path) -> Path | None:
 
 
 def ingest(
-    source: Path,
+    source: str | Path,
     dest: Path,
     spec_path: Path | None = None,
     *,
     strict: bool = False,
     use_dvc: bool = True,
+    cache_dir: Path | None = None,
+    endpoint_url: str | None = None,
+    region: str | None = None,
 ) -> IngestReport:
     """Validate every case under `source` and write the valid ones to `dest` in the canonical layout.
 
+    `source` is a folder or an s3://bucket/prefix URI. The objects under a URI are first
+    downloaded into <cache_dir>/<bucket>/<prefix> (default cache_dir: <DEST parent>/.ingest-cache),
+    with `endpoint_url` and `region` overriding the AWS settings, and provenance.json then also
+    records the URI and each file's ETag.
     A case whose source files have the same hashes as at its last ingestion is left as it is.
     An invalid case is skipped with its problems recorded in DEST/provenance.json, unless
     `strict`, which raises IngestError at the first invalid case.
     """
     from unet.validate import validate_case
 
+    source_uri = None
+    objects: dict[str, dict[str, Any]] = {}
+    if isinstance(source, str) and source.startswith("s3://"):
+        source_uri, source, objects = _stage_s3_source(source, dest, cache_dir, endpoint_url, region)
     source = Path(source)
     if not source.is_dir():
         raise IngestError(f"source folder {source} not found; pass an existing folder or an s3:// URI")
@@ -275,7 +307,7 @@ def ingest(
             continue
         record = {
             "label_convention": case.label_convention.name if case.label_convention else None,
-            "files": _source_record(case, source),
+            "files": _source_record(case, source, objects),
         }
         if recorded.get(case.case_id) == record and (dest / case.case_id).is_dir():
             report.unchanged.append(case.case_id)
@@ -295,6 +327,8 @@ def ingest(
         "cases": {case_id: recorded[case_id] for case_id in case_ids},
         "skipped": report.skipped,
     }
+    if source_uri is not None:
+        provenance["source_uri"] = source_uri
     write_bytes_atomic((json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode(), provenance_path)
 
     if use_dvc:
