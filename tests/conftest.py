@@ -6,7 +6,13 @@ Tests that need them are skipped when the folder is absent.
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -75,3 +81,46 @@ def cropped_source(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     for case_id in REAL_CASES:
         write_cropped_brats_case(samples, case_id, dest)
     return dest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_answers(port: int, server: subprocess.Popen, log_path: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"moto_server exited with code {server.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", "/")
+            connection.getresponse().read()
+            connection.close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"moto_server did not answer on 127.0.0.1:{port} within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of moto's S3 server, started on 127.0.0.1 for this test module and stopped after it."""
+    executable = Path(sys.executable).with_name("moto_server")
+    command = [str(executable)] if executable.is_file() else [sys.executable, "-m", "moto.server"]
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_until_answers(port, server, log_path)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

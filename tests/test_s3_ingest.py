@@ -13,11 +13,9 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +27,7 @@ import pytest
 from unet import s3
 from unet.ingest import ingest
 from unet.io import discover_cases, read_dataset
+from conftest import free_port
 from unet.s3 import RECORD_FILE, S3Error, download_prefix, parse_s3_uri
 
 CASES = ["BraTS2021_00006", "OtherEXampleFromTCIA", "TCGA-DU-7294"]
@@ -41,28 +40,6 @@ SLOW_DOWN_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n'
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 
 _bucket_numbers = itertools.count(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_answers(port: int, server: subprocess.Popen, log_path: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"moto_server exited with code {server.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            connection.request("GET", "/")
-            connection.getresponse().read()
-            connection.close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"moto_server did not answer on 127.0.0.1:{port} within {timeout_s} s")
 
 
 @pytest.fixture(scope="module")
@@ -83,26 +60,6 @@ def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         # Short backoff between download attempts; botocore's own backoff is left as it is.
         patch.setattr(s3, "RETRY_BASE_DELAY_S", 0.05)
         yield
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    executable = Path(sys.executable).with_name("moto_server")
-    command = [str(executable)] if executable.is_file() else [sys.executable, "-m", "moto.server"]
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        _wait_until_answers(port, server, log_path)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def _client(endpoint: str):
