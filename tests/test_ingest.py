@@ -156,3 +156,57 @@ def test_source_without_brats_names(tmp_path):
 def test_missing_source_folder(tmp_path):
     with pytest.raises(IngestError, match="source folder .* not found"):
         ingest(tmp_path / "absent", tmp_path / "data", use_dvc=False)
+
+
+DECATHLON_CHANNELS = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+BRATS_FILE_OF = {"FLAIR": "flair", "T1w": "t1", "t1gd": "t1ce", "T2w": "t2"}
+
+
+def _write_decathlon(cropped_source: Path, root: Path) -> Path:
+    """Rewrite the cropped BraTS cases in the Decathlon Task01 layout: 4D images and Decathlon labels."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"name": "BRATS", "modality": DECATHLON_CHANNELS,
+                                                   "labels": {"0": "background", "1": "edema",
+                                                              "2": "non-enhancing tumor", "3": "enhancing tumour"}}))
+    # BraTS 2017 -> Decathlon: 1 NCR -> 2, 2 ED -> 1, 4 ET -> 3.
+    relabel = np.zeros(5, dtype=np.uint8)
+    relabel[[1, 2, 4]] = [2, 1, 3]
+    for case_dir in sorted(cropped_source.iterdir()):
+        case = case_dir.name
+        channels = [nib.load(str(case_dir / f"{case}_{BRATS_FILE_OF[DECATHLON_CHANNELS[str(i)]]}.nii.gz")) for i in range(4)]
+        stacked = np.stack([np.asarray(c.dataobj) for c in channels], axis=-1)
+        nib.save(nib.Nifti1Image(stacked, channels[0].affine), str(root / "imagesTr" / f"{case}.nii.gz"))
+        label = nib.load(str(case_dir / f"{case}_seg.nii.gz"))
+        decathlon = relabel[np.asarray(label.dataobj).astype(np.int64)]
+        nib.save(nib.Nifti1Image(decathlon, label.affine), str(root / "labelsTr" / f"{case}.nii.gz"))
+        (root / "imagesTr" / f"._{case}.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    return root
+
+
+def test_decathlon_layout_ingested(cropped_source, tmp_path):
+    source = _write_decathlon(cropped_source, tmp_path / "Task01_BrainTumour")
+    report = ingest(source, tmp_path / "data", use_dvc=False)
+    assert sorted(report.written) == ["BraTS2021_00006", "OtherEXampleFromTCIA", "TCGA-DU-7294"]
+    info = read_dataset(tmp_path / "data")
+    assert info.modalities == ["flair", "t1", "t1c", "t2"]
+    assert info.source_conventions["TCGA-DU-7294"] == "decathlon"
+
+
+def test_decathlon_matches_brats_ingest(cropped_source, tmp_path):
+    decathlon = _write_decathlon(cropped_source, tmp_path / "Task01_BrainTumour")
+    ingest(decathlon, tmp_path / "from_decathlon", use_dvc=False)
+    ingest(cropped_source, tmp_path / "from_brats", use_dvc=False)
+    for case in ("BraTS2021_00006", "TCGA-DU-7294"):
+        for name in (f"{case}_seg.nii.gz", f"{case}_t1c.nii.gz", f"{case}_flair.nii.gz"):
+            a = nib.load(str(tmp_path / "from_decathlon" / case / name))
+            b = nib.load(str(tmp_path / "from_brats" / case / name))
+            assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), name
+            assert np.allclose(a.affine, b.affine), name
+
+
+def test_decathlon_unknown_modality(cropped_source, tmp_path):
+    source = _write_decathlon(cropped_source, tmp_path / "Task01")
+    (source / "dataset.json").write_text(json.dumps({"modality": {"0": "PD", "1": "T1w", "2": "t1gd", "3": "T2w"}}))
+    with pytest.raises(IngestError, match="unknown modality 'PD' at channel 0"):
+        ingest(source, tmp_path / "data", use_dvc=False)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from unet.decathlon import is_decathlon, split_to_staging
 from unet.io import CaseFiles, DatasetInfo, load_volume, read_dataset, save_like, write_bytes_atomic, write_dataset
 from unet.labels import get_convention
 
@@ -165,6 +166,20 @@ def detect_spec(source: Path) -> DatasetSpec:
     )
 
 
+def _decathlon_spec(source: Path, staging: Path) -> DatasetSpec:
+    """Split a Decathlon folder's 4D images into `staging` and describe the result as a spec."""
+    try:
+        modalities, labelled = split_to_staging(source, staging)
+    except ValueError as error:
+        raise IngestError(str(error)) from error
+    group: dict[str, Any] = {"cases": ["*"], "images": {m: f"{{case}}_{m}.nii.gz" for m in modalities}}
+    if labelled:
+        group["label"] = "{case}_seg.nii.gz"
+        group["label_convention"] = "decathlon"
+    log.info("recognised the Decathlon layout in %s (channels %s)", source, ", ".join(modalities))
+    return DatasetSpec(name=source.name, modalities=modalities, split={}, groups=[group])
+
+
 def _copy_image(source: Path, target: Path) -> None:
     if source.name.endswith(".gz"):
         write_bytes_atomic(source.read_bytes(), target)
@@ -272,7 +287,12 @@ def ingest(
     source = Path(source)
     if not source.is_dir():
         raise IngestError(f"source folder {source} not found; pass an existing folder or an s3:// URI")
-    spec = load_spec(spec_path) if spec_path else detect_spec(source)
+    if spec_path is None and is_decathlon(source):
+        staging = (Path(cache_dir) if cache_dir else dest.parent / ".ingest-cache") / "decathlon" / source.name
+        spec = _decathlon_spec(source, staging)
+        source = staging
+    else:
+        spec = load_spec(spec_path) if spec_path else detect_spec(source)
     cases = resolve_spec(spec, source)
     seen: dict[str, Path] = {}
     for case in cases:
