@@ -74,8 +74,10 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def load_volume(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
+def load_volume(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a whole NIfTI volume, returning (array, image); a trailing singleton 4th axis is dropped.
+
+    `dtype=None` keeps the stored data type when the header applies no scaling.
 
     Reading the whole array detects truncated files and most corrupt gzip streams, but nibabel
     stops before the gzip CRC trailer; `unet.validate.validate_case` also checks the CRC.

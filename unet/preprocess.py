@@ -50,58 +50,74 @@ def brain_bounding_box(mask: np.ndarray, margin: int = 0) -> list[list[int]]:
     return box
 
 
-def zscore_in_mask(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Z-score `image` with the statistics of the voxels inside `mask`; voxels outside become 0."""
+def zscore_in_mask(image: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+    """Z-score `image` with the mean and standard deviation of the voxels inside `mask`; voxels outside become 0.
+
+    Writes into `out` (float32, same shape) when given, so a caller can fill a preallocated
+    channel without temporary full-size copies. Statistics are accumulated in float64.
+    """
     values = image[mask]
-    mean = float(values.mean())
-    std = float(values.std())
+    mean = float(values.mean(dtype=np.float64))
+    std = float(values.std(dtype=np.float64))
     if std == 0.0:
         raise ValueError("modality is constant inside the brain")
-    normalised = np.where(mask, (image - mean) / std, 0.0).astype(np.float32)
-    return normalised, mean, std
+    if out is None:
+        out = np.empty(image.shape, dtype=np.float32)
+    np.subtract(image, mean, out=out, casting="unsafe")
+    out /= std
+    out[~mask] = 0.0
+    return out, mean, std
 
 
-def _sha256_bytes(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Preprocess one case in memory; returns (image (C, X, Y, Z) float32, label (X, Y, Z) uint8 or None, record).
 
     The record holds what `restore_geometry` needs to map arrays back to the original files.
+    Volumes stay in their stored data type and are reoriented as views; only the cropped
+    region is converted to float32, which keeps peak memory near the case's stored size
+    plus the output.
     """
     volumes = []
     reference = None
-    for modality, path in case.images.items():
-        array, image = load_volume(path)
+    for path in case.images.values():
+        array, image = load_volume(path, dtype=None)
         if reference is None:
             reference = image
-        volumes.append(array)
+            transform = orientation_to_ras(image.affine)
+        volumes.append(reorient(array, transform))  # (X, Y, Z) in RAS, a view
     affine = reference.affine
-    transform = orientation_to_ras(affine)
-    image = reorient(np.stack(volumes), transform)  # (C, X, Y, Z) in RAS
 
     if case.mask is not None:
         brain = reorient(load_volume(case.mask)[0], transform) > 0.5
     else:
-        brain = np.any(image != 0, axis=0)
+        brain = volumes[0] != 0
+        for volume in volumes[1:]:
+            brain |= volume != 0
     box = brain_bounding_box(brain, margin)
     crop = tuple(slice(start, stop) for start, stop in box)
-    image = image[(slice(None), *crop)]
     brain = brain[crop]
 
-    channels, stats = [], {}
-    for modality, channel in zip(case.images, image):
-        normalised, mean, std = zscore_in_mask(channel, brain)
-        channels.append(normalised)
+    image = np.empty((len(volumes), *brain.shape), dtype=np.float32)
+    stats = {}
+    for channel, (modality, volume) in enumerate(zip(case.images, volumes)):
+        _, mean, std = zscore_in_mask(volume[crop], brain, out=image[channel])
         stats[modality] = {"mean": mean, "std": std}
-    image = np.stack(channels)
+    del volumes
 
     label = None
     if case.label is not None:
-        label = reorient(load_volume(case.label, dtype=np.uint8)[0], transform)[crop]
+        label = np.ascontiguousarray(reorient(load_volume(case.label, dtype=np.uint8)[0], transform)[crop])
 
     ras_affine = affine @ _orientation_affine(transform, reference.shape[:3])
+    sources = {**case.images, **({"label": case.label} if case.label else {}), **({"mask": case.mask} if case.mask else {})}
     record = {
         "original_shape": [int(s) for s in reference.shape[:3]],
         "original_affine": affine.tolist(),
@@ -113,11 +129,9 @@ def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarr
         "shape": [int(s) for s in image.shape],
         "has_label": label is not None,
         "intensity": stats,
-        "sha256": {
-            "image": _sha256_bytes(image),
-            **({"label": _sha256_bytes(label)} if label is not None else {}),
-        },
-        "tumour_voxels": int((label > 0).sum()) if label is not None else 0,
+        # Hashes of the input files; DVC hashes the outputs.
+        "source_sha256": {role: _sha256_file(path) for role, path in sources.items()},
+        "tumour_voxels": int(np.count_nonzero(label)) if label is not None else 0,
     }
     return image, label, record
 
