@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -343,3 +345,35 @@ def test_dataset_invalid_yaml(tmp_path):
     (tmp_path / "dataset.yaml").write_text("name: [unclosed\n")
     line = single_problem(validate_dataset(tmp_path))
     assert "invalid YAML" in line
+
+
+def _unet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unet.cli", *args], capture_output=True, text=True)
+
+
+def test_validate_cli_valid_dataset(cropped_source, tmp_path):
+    from unet.ingest import ingest
+
+    ingest(cropped_source, tmp_path / "data", use_dvc=False)
+    result = _unet("validate", str(tmp_path / "data"))
+    assert result.returncode == 0
+    assert "every case is valid" in result.stdout
+
+
+def test_validate_cli_reports_truncated_file(cropped_source, tmp_path):
+    from unet.ingest import ingest
+
+    ingest(cropped_source, tmp_path / "data", use_dvc=False)
+    damaged = tmp_path / "data" / "TCGA-DU-7294" / "TCGA-DU-7294_flair.nii.gz"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    result = _unet("validate", str(tmp_path / "data"))
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("TCGA-DU-7294: TCGA-DU-7294_flair.nii.gz:")
+
+
+def test_validate_cli_missing_dataset(tmp_path):
+    result = _unet("validate", str(tmp_path / "absent"))
+    assert result.returncode == 1
+    assert "dataset.yaml" in result.stdout
