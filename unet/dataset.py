@@ -115,61 +115,153 @@ class AxialPatchDataset(Dataset):
 
 
 def crop_patch(
-    image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, centre: tuple[int, int] | None = None
+    image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, centre: tuple[int, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a (C, size, size) patch from (C, X, Y), zero-padding sides shorter than `size`.
+    """Cut a (C, size, ..., size) float32 patch from (C, *spatial) and its labels, zero-padding sides shorter than `size`.
 
-    With `centre`, the patch contains that voxel at a random offset; otherwise its position is uniform.
+    Works for 2D slices and 3D volumes alike, and reads only the window from a memory-mapped
+    array. With `centre`, the patch contains that voxel at a random offset; otherwise its
+    position is uniform.
     """
-    pad = [(0, 0)] + [(0, max(size - s, 0)) for s in image.shape[1:]]
-    if any(p[1] for p in pad):
-        image = np.pad(image, pad)
-        label = np.pad(label, pad[1:])
-    starts = []
+    window = []
     for axis, extent in enumerate(image.shape[1:]):
-        highest = extent - size
+        highest = max(extent - size, 0)
         if centre is None:
             start = int(rng.integers(highest + 1))
         else:
             low = max(centre[axis] - size + 1, 0)
             start = int(rng.integers(low, min(centre[axis], highest) + 1))
-        starts.append(start)
-    window = (slice(starts[0], starts[0] + size), slice(starts[1], starts[1] + size))
-    return image[(slice(None), *window)], label[window]
+        window.append(slice(start, start + size))
+    patch = np.asarray(image[(slice(None), *window)], dtype=np.float32)
+    patch_label = np.asarray(label[tuple(window)])
+    pad = [(0, size - extent) for extent in patch_label.shape]
+    if any(after for _, after in pad):
+        patch = np.pad(patch, [(0, 0), *pad])
+        patch_label = np.pad(patch_label, pad)
+    return patch, patch_label
+
+
+def _rotation_scaling(spatial_dims: int, rng: np.random.Generator) -> np.ndarray:
+    """Return the matrix of a rotation by +-15 degrees in the first two axes (axial plane) and a scaling of 0.9-1.1."""
+    angle = np.deg2rad(rng.uniform(-15, 15))
+    scale = rng.uniform(0.9, 1.1)
+    matrix = np.eye(spatial_dims)
+    matrix[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return matrix / scale
 
 
 def augment_patch(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply random flips, rotation and scaling, intensity scale and shift, and gamma to (C, H, W) with its (H, W) labels.
+    """Apply random flips, rotation and scaling, intensity scale and shift, and gamma to (C, *spatial) and its labels.
 
-    Probabilities and ranges are those commonly used for BraTS (nnU-Net-like, milder):
-    flips 0.5 per axis, rotation +-15 degrees and scale 0.9-1.1 with probability 0.2,
-    per-channel intensity scale 0.9-1.1 and shift +-0.1 with probability 0.5, gamma 0.7-1.5
-    with probability 0.3.
+    Works for 2D (C, H, W) and 3D (C, D, H, W) patches. Probabilities and ranges are those
+    commonly used for BraTS (nnU-Net-like, milder): flips 0.5 per axis, rotation +-15 degrees
+    in the axial plane and scale 0.9-1.1 with probability 0.2, per-channel intensity scale
+    0.9-1.1 and shift +-0.1 with probability 0.5, gamma 0.7-1.5 with probability 0.3.
     """
-    for axis in (1, 2):
+    spatial_dims = label.ndim
+    for axis in range(1, spatial_dims + 1):
         if rng.random() < 0.5:
             image = np.flip(image, axis=axis)
             label = np.flip(label, axis=axis - 1)
 
     if rng.random() < 0.2:
-        angle = np.deg2rad(rng.uniform(-15, 15))
-        scale = rng.uniform(0.9, 1.1)
-        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+        matrix = _rotation_scaling(spatial_dims, rng)
         centre = (np.array(label.shape) - 1) / 2
-        offset = centre - rotation @ centre
-        image = np.stack([ndimage.affine_transform(c, rotation, offset, order=1, mode="constant") for c in image])
-        label = ndimage.affine_transform(label, rotation, offset, order=0, mode="constant")
+        offset = centre - matrix @ centre
+        image = np.stack([ndimage.affine_transform(c, matrix, offset, order=1, mode="constant") for c in image])
+        label = ndimage.affine_transform(label, matrix, offset, order=0, mode="constant")
 
+    channel_axes = tuple(range(1, spatial_dims + 1))
+    keep = (image.shape[0],) + (1,) * spatial_dims
     if rng.random() < 0.5:
-        scales = rng.uniform(0.9, 1.1, size=(image.shape[0], 1, 1))
-        shifts = rng.uniform(-0.1, 0.1, size=(image.shape[0], 1, 1))
+        scales = rng.uniform(0.9, 1.1, size=keep)
+        shifts = rng.uniform(-0.1, 0.1, size=keep)
         image = image * scales + shifts
 
     if rng.random() < 0.3:
         gamma = rng.uniform(0.7, 1.5)
-        low = image.min(axis=(1, 2), keepdims=True)
-        span = image.max(axis=(1, 2), keepdims=True) - low
+        low = image.min(axis=channel_axes, keepdims=True)
+        span = image.max(axis=channel_axes, keepdims=True) - low
         span = np.where(span > 0, span, 1.0)
         image = ((image - low) / span) ** gamma * span + low
 
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+
+
+class VolumePatchDataset(Dataset):
+    """Random (C, P, P, P) patches of whole preprocessed volumes, for `model.spatial_dims: 3`.
+
+    Same contract as AxialPatchDataset: targets are (3, P, P, P) regions or (P, P, P) classes,
+    the first `round(foreground_fraction * batch_size)` samples of each batch are centred on a
+    tumour voxel, and each sample depends only on (seed, epoch, rank, index). Ranks take
+    disjoint shards of the case list, permuted every epoch; with fewer cases than ranks every
+    rank samples from all cases.
+    """
+
+    def __init__(
+        self,
+        case_dirs: list[Path],
+        *,
+        patch_size: int,
+        samples_per_epoch: int,
+        batch_size: int,
+        foreground_fraction: float,
+        target: str = "regions",
+        augment: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not case_dirs:
+            raise ValueError("no training cases: the split's train list is empty")
+        self.case_dirs = [Path(d) for d in case_dirs]
+        self.patch_size = patch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.batch_size = batch_size
+        self.foreground_per_batch = int(round(foreground_fraction * batch_size))
+        self.target = target
+        self.augment = augment
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        # Kept for the start-up summary, which reports slices for 2D and cases here.
+        self.slices = list(range(len(self.case_dirs)))
+        self.foreground = [i for i, d in enumerate(self.case_dirs) if np.load(d / "label.npy", mmap_mode="r").any()]
+        self._images: list[np.ndarray] | None = None
+        self._labels: list[np.ndarray] | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.case_dirs))
+        self.shard = [int(i) for i in order[self.rank :: self.world_size]] or list(range(len(self.case_dirs)))
+        self.foreground_shard = [i for i in self.shard if i in self.foreground] or self.foreground
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index])
+        if self._images is None:
+            self._images = [np.load(d / "image.npy", mmap_mode="r") for d in self.case_dirs]
+            self._labels = [np.load(d / "label.npy", mmap_mode="r") for d in self.case_dirs]
+        want_tumour = (index % self.batch_size) < self.foreground_per_batch and bool(self.foreground_shard)
+        pool = self.foreground_shard if want_tumour else self.shard
+        case = pool[rng.integers(len(pool))]
+        image, label = self._images[case], self._labels[case]
+        centre = None
+        if want_tumour:
+            # Pick a tumour voxel without materialising every coordinate: a random tumour slice, then a voxel in it.
+            slices = np.flatnonzero(np.asarray(label).reshape(-1, label.shape[2]).any(axis=0))
+            z = int(slices[rng.integers(len(slices))])
+            xs, ys = np.nonzero(np.asarray(label[:, :, z]))
+            pick = rng.integers(len(xs))
+            centre = (int(xs[pick]), int(ys[pick]), z)
+        image, label = crop_patch(image, label, self.patch_size, rng, centre)
+        if self.augment:
+            image, label = augment_patch(image, label, rng)
+        if self.target == "regions":
+            target = torch.from_numpy(labels_to_regions(label).astype(np.float32))
+        else:
+            target = torch.from_numpy(label.astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(image)), target
