@@ -1,9 +1,13 @@
 """The evaluate stage, scoring of existing masks, and `unet predict` on new cases.
 
 Predictions are written in each input's own geometry: same shape, affine and qform/sform
-codes as the case's files, uint8, canonical labels (0 background, 1 NCR, 2 ED, 3 ET).
+codes as the case's files, uint8, canonical labels (0 background, 1 NCR, 2 ED, 3 ET) unless
+`predict` is asked for another label convention.
 Scores are computed in that original geometry against the label file, with the voxel
 spacing from its header.
+
+`score_folders` scores any folder of masks against a folder of labels without a model, so
+masks from other tools can be compared with the same metrics and tables.
 """
 
 from __future__ import annotations
@@ -21,25 +25,36 @@ from tqdm import tqdm
 
 from unet.config import Params
 from unet.inference import load_checkpoint, predict_volume, resolve_model
-from unet.io import CaseFiles, discover_cases, load_volume, save_like, write_bytes_atomic
-from unet.labels import REGIONS
+from unet.io import DATASET_FILE, NIFTI_SUFFIXES, CaseFiles, discover_cases, load_volume, save_like, strip_nifti_suffix, write_bytes_atomic
+from unet.labels import REGIONS, LabelConvention, get_convention
 from unet.preprocess import load_manifest, prepare_case, restore_geometry
 
 log = logging.getLogger(__name__)
 
 PER_CASE_FILE = "per_case.csv"
-PER_CASE_COLUMNS = ("case_id", "region", "dice", "hd95_mm", "sensitivity", "specificity", "pred_volume_ml", "true_volume_ml")
+SUMMARY_FILE = "summary.json"
+OVERLAY_DIR = "overlays"
+PER_CASE_COLUMNS = ("case_id", "region", "dice", "hd95_mm", "sensitivity", "specificity", "pred_volume_ml", "true_volume_ml",
+                    "lesion_dice", "lesion_hd95_mm")
+MIRROR_AXES = (0, 1)
+"""In-plane axes flipped by test-time mirroring (X and Y of each axial slice)."""
 
 
-def segment_case(model, metadata: dict[str, Any], case: CaseFiles, batch_size: int) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Preprocess a case like training did, segment it and map the mask back to the input's geometry."""
+def segment_case(
+    model, metadata: dict[str, Any], case: CaseFiles, batch_size: int, mirror_axes: tuple[int, ...] = ()
+) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Preprocess a case like training did, segment it and map the mask back to the input's geometry.
+
+    Returns (canonical labels in the voxel layout of the case's files, uint8; the first image,
+    whose header the mask should be saved with). `mirror_axes` enables test-time mirroring.
+    """
     expected = list(metadata["modalities"])
     missing = [m for m in expected if m not in case.images]
     if missing:
         raise ValueError(f"case {case.case_id}: modality {missing[0]} is missing; the model expects {expected}")
     ordered = CaseFiles(case.case_id, {m: case.images[m] for m in expected}, None, case.mask, None)
     image, _, record = prepare_case(ordered, metadata.get("preprocessing", {}).get("margin", 0))
-    labels = predict_volume(model, image, metadata["target"], batch_size, metadata.get("threshold", 0.5))
+    labels = predict_volume(model, image, metadata["target"], batch_size, metadata.get("threshold", 0.5), mirror_axes=mirror_axes)
     restored = restore_geometry(labels, record)
     reference = nib.load(str(next(iter(ordered.images.values()))))
     return restored, reference
@@ -58,16 +73,117 @@ def write_per_case(path: Path, scores: dict[str, dict[str, dict[str, float]]]) -
     os.replace(temporary, path)
 
 
-def score_files(prediction: Path, label: Path, penalty_mm: float) -> dict[str, dict[str, float]]:
-    """Score one predicted mask file against one canonical label file (same grid required)."""
+def score_files(
+    prediction: Path,
+    label: Path,
+    penalty_mm: float,
+    prediction_convention: LabelConvention | None = None,
+    label_convention: LabelConvention | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score one predicted mask file against one label file on the same grid; returns score_case's dict.
+
+    Each file is mapped to canonical labels with its convention (canonical when None), which
+    also rejects values outside that convention.
+    """
     from unet.metrics import score_case
 
-    predicted, predicted_image = load_volume(prediction, dtype=np.uint8)
-    true, true_image = load_volume(label, dtype=np.uint8)
+    canonical = get_convention("canonical")
+    case_id = strip_nifti_suffix(Path(prediction).name)
+    # Read as float so that the convention can reject non-integer values instead of truncating them.
+    predicted, predicted_image = load_volume(prediction)
+    true, true_image = load_volume(label)
+    predicted = (prediction_convention or canonical).to_canonical(predicted, f"{case_id} (prediction {prediction})")
+    true = (label_convention or canonical).to_canonical(true, f"{case_id} (label {label})")
+    if predicted.shape != true.shape:
+        raise ValueError(f"{prediction}: shape {predicted.shape} differs from the label {label} {true.shape}; "
+                         "resample the prediction onto the label's grid")
     if not np.allclose(predicted_image.affine, true_image.affine, atol=1e-3):
-        raise ValueError(f"{prediction.name}: affine differs from the label {label}; resample the prediction onto the label's grid")
+        raise ValueError(f"{prediction}: affine differs from the label {label}; resample the prediction onto the label's grid")
     spacing = tuple(float(z) for z in true_image.header.get_zooms()[:3])
     return score_case(predicted, true, spacing, penalty_mm)
+
+
+def mean_dice(regions: dict[str, dict[str, float]]) -> float:
+    """Return the mean Dice over REGIONS of one case's scores."""
+    return float(np.mean([regions[region]["dice"] for region in REGIONS]))
+
+
+def extreme_cases(scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Return [best, worst] case ids by mean Dice over regions (one id when there is one case)."""
+    ranked = sorted(scores, key=lambda case_id: (-mean_dice(scores[case_id]), case_id))
+    return list(dict.fromkeys([ranked[0], ranked[-1]]))
+
+
+def _index_masks(folder: Path, strip_seg: bool) -> dict[str, Path]:
+    """Return {case_id: file} of the NIfTI files directly in `folder`; `strip_seg` drops a `_seg` suffix from ids."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not path.name.endswith(NIFTI_SUFFIXES):
+            continue
+        case_id = strip_nifti_suffix(path.name)
+        if strip_seg and case_id.endswith("_seg"):
+            case_id = case_id[: -len("_seg")]
+        if case_id in found:
+            raise ValueError(f"{folder}: {found[case_id].name} and {path.name} both give case {case_id}; keep one of them")
+        found[case_id] = path
+    return found
+
+
+def _index_labels(labels_dir: Path) -> tuple[dict[str, Path], bool]:
+    """Return ({case_id: label file}, whether the labels are a canonical dataset and so already canonical)."""
+    if (labels_dir / DATASET_FILE).is_file():
+        _, cases = discover_cases(labels_dir)
+        return {case.case_id: case.label for case in cases if case.label is not None}, True
+    return _index_masks(labels_dir, strip_seg=True), False
+
+
+def score_folders(
+    predictions_dir: Path,
+    labels_dir: Path,
+    out_dir: Path,
+    convention: str = "canonical",
+    penalty_mm: float | None = None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
+    """Score every `<case_id>.nii.gz` (or `.nii`) mask in `predictions_dir` against the label of the same case.
+
+    `labels_dir` is a canonical dataset (dataset.yaml, labels at <case>/<case>_seg.nii.gz) or a
+    flat folder of `<case_id>.nii.gz` / `<case_id>_seg.nii.gz` files. `convention` names the
+    label convention of the predictions and of a flat label folder; a canonical dataset's
+    labels are canonical already. `penalty_mm` is the HD95 for a region missing on one side
+    (None: the BraTS default). Writes OUT/per_case.csv and OUT/summary.json when at least one
+    case was scored. Returns (scores {case_id: score_case(...)}, {case_id: reason skipped}).
+    """
+    from unet.metrics import DEFAULT_HD95_PENALTY_MM, summarize
+
+    penalty_mm = DEFAULT_HD95_PENALTY_MM if penalty_mm is None else penalty_mm
+
+    predictions_dir, labels_dir, out_dir = Path(predictions_dir), Path(labels_dir), Path(out_dir)
+    for name, folder in (("predictions", predictions_dir), ("labels", labels_dir)):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{name} folder {folder} not found; pass an existing folder of NIfTI files")
+    source = get_convention(convention)
+    predictions = _index_masks(predictions_dir, strip_seg=False)
+    labels, labels_canonical = _index_labels(labels_dir)
+    label_convention = None if labels_canonical else source
+
+    skipped: dict[str, str] = {}
+    for case_id in sorted(set(predictions) - set(labels)):
+        skipped[case_id] = f"no label in {labels_dir}"
+    for case_id in sorted(set(labels) - set(predictions)):
+        skipped[case_id] = f"no prediction in {predictions_dir}"
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for case_id in tqdm(sorted(set(predictions) & set(labels)), desc="score", unit="case"):
+        try:
+            scores[case_id] = score_files(predictions[case_id], labels[case_id], penalty_mm, source, label_convention)
+        except ValueError as error:
+            skipped[case_id] = str(error)
+    for case_id, reason in skipped.items():
+        log.debug("skipped case %s: %s", case_id, reason)
+    if scores:
+        write_per_case(out_dir / PER_CASE_FILE, scores)
+        summary = summarize(scores)
+        write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), out_dir / SUMMARY_FILE)
+    return scores, dict(sorted(skipped.items()))
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -82,10 +198,11 @@ def run(params: Params) -> dict[str, Any]:
     out_dir = Path(params.evaluate.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    mirror_axes = MIRROR_AXES if params.evaluate.tta_mirroring else ()
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for case_id in tqdm(test_cases, desc="evaluate", unit="case"):
         case = by_id[case_id]
-        mask, reference = segment_case(model, metadata, case, params.evaluate.batch_size)
+        mask, reference = segment_case(model, metadata, case, params.evaluate.batch_size, mirror_axes)
         prediction = out_dir / f"{case_id}.nii.gz"
         save_like(mask, nib.load(str(case.label)) if case.label else reference, prediction, np.uint8)
         scores[case_id] = score_files(prediction, case.label, params.evaluate.hd95_penalty_mm)
@@ -94,11 +211,41 @@ def run(params: Params) -> dict[str, Any]:
     metrics = {"split": {"test": list(test_cases)}, **summary}
     write_bytes_atomic((json.dumps(metrics, indent=2) + "\n").encode(), Path("metrics.json"))
     write_per_case(Path(params.evaluate.report_dir) / PER_CASE_FILE, scores)
-    log_to_mlflow(params, summary, test_cases)
+    overlays = write_overlays(scores, by_id, out_dir, Path(params.evaluate.report_dir) / OVERLAY_DIR)
+    log_to_mlflow(params, summary, test_cases, overlays)
     return metrics
 
 
-def log_to_mlflow(params: Params, summary: dict[str, Any], test_cases: list[str]) -> None:
+def write_overlays(
+    scores: dict[str, dict[str, dict[str, float]]], cases: dict[str, CaseFiles], predictions_dir: Path, overlay_dir: Path
+) -> list[Path]:
+    """Write OVERLAY_DIR/<case_id>.png for the best and the worst case by mean Dice; returns the files.
+
+    PNGs left from an earlier run are removed first, so the folder only shows this run's cases.
+    A case that cannot be drawn (no FLAIR or T1c image) is logged and left out, because the
+    overlays only illustrate the scores.
+    """
+    from unet.overlays import overlay_case
+
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    for stale in overlay_dir.glob("*.png"):
+        stale.unlink()
+    written = []
+    ranked = extreme_cases(scores)
+    for rank, case_id in zip(("best", "worst"), ranked):
+        case = cases[case_id]
+        title = f"{case_id} ({rank if len(ranked) > 1 else 'only'} case): " + ", ".join(
+            f"{region} Dice {scores[case_id][region]['dice']:.3f}" for region in REGIONS
+        )
+        try:
+            written.append(overlay_case(case.images, case.label, predictions_dir / f"{case_id}.nii.gz",
+                                        overlay_dir / f"{case_id}.png", title))
+        except ValueError as error:
+            log.warning("no overlay for case %s: %s", case_id, error)
+    return written
+
+
+def log_to_mlflow(params: Params, summary: dict[str, Any], test_cases: list[str], overlays: list[Path] | None = None) -> None:
     import mlflow
 
     from unet.tracking import configure_mlflow, read_run_file
@@ -114,10 +261,24 @@ def log_to_mlflow(params: Params, summary: dict[str, Any], test_cases: list[str]
         mlflow.set_tag("split.test", ",".join(test_cases))
         mlflow.log_artifact(str(Path(params.evaluate.report_dir) / PER_CASE_FILE), artifact_path="evaluation")
         mlflow.log_artifact("metrics.json", artifact_path="evaluation")
+        for overlay in overlays or []:
+            mlflow.log_artifact(str(overlay), artifact_path="overlays")
 
 
-def predict(input_dir: Path, output_dir: Path, model_ref: str, spec: Path | None = None, batch_size: int = 16) -> dict[str, str]:
-    """Segment every case under `input_dir` into OUTPUT/<case_id>.nii.gz; returns {case_id: error} for skipped cases."""
+def predict(
+    input_dir: Path,
+    output_dir: Path,
+    model_ref: str,
+    spec: Path | None = None,
+    batch_size: int = 16,
+    label_convention: str = "canonical",
+    tta: bool = False,
+) -> dict[str, str]:
+    """Segment every case under `input_dir` into OUTPUT/<case_id>.nii.gz; returns {case_id: error} for skipped cases.
+
+    Masks are written in `label_convention` (for example `brats2017` writes ET as 4). `tta`
+    averages the probabilities over mirrored copies of each slice (4 passes, about 4x slower).
+    """
     from unet.ingest import detect_spec, load_spec, resolve_spec
 
     input_dir = Path(input_dir)
@@ -125,15 +286,16 @@ def predict(input_dir: Path, output_dir: Path, model_ref: str, spec: Path | None
         _, cases = discover_cases(input_dir)
     else:
         cases = resolve_spec(load_spec(spec) if spec else detect_spec(input_dir), input_dir)
+    convention = get_convention(label_convention)
     model, metadata = load_checkpoint(resolve_model(model_ref))
     output_dir.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     for case in tqdm(cases, desc="predict", unit="case"):
         try:
-            mask, reference = segment_case(model, metadata, case, batch_size)
+            mask, reference = segment_case(model, metadata, case, batch_size, MIRROR_AXES if tta else ())
         except (ValueError, FileNotFoundError) as error:
             failures[case.case_id] = str(error)
             log.error("skipping case %s: %s", case.case_id, error)
             continue
-        save_like(mask, reference, output_dir / f"{case.case_id}.nii.gz", np.uint8)
+        save_like(convention.from_canonical(mask), reference, output_dir / f"{case.case_id}.nii.gz", np.uint8)
     return failures

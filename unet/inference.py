@@ -24,6 +24,21 @@ log = logging.getLogger(__name__)
 CHECKPOINT_ARTIFACT = "checkpoint.pt"
 
 
+def _mirror_flips(mirror_axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Return every subset of `mirror_axes` (image axes 0 = X, 1 = Y) as dims of a (B, C, X, Y) batch."""
+    unknown = [axis for axis in mirror_axes if axis not in (0, 1)]
+    if unknown:
+        raise ValueError(
+            f"invalid mirror axis {unknown[0]} in mirror_axes={tuple(mirror_axes)}: slices are 2D, "
+            "so only the in-plane axes 0 (X) and 1 (Y) can be mirrored"
+        )
+    axes = sorted(set(mirror_axes))
+    flips: list[tuple[int, ...]] = [()]
+    for axis in axes:
+        flips += [flip + (axis + 2,) for flip in flips]
+    return flips
+
+
 @torch.no_grad()
 def predict_volume(
     model: torch.nn.Module,
@@ -33,29 +48,43 @@ def predict_volume(
     threshold: float = 0.5,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    mirror_axes: tuple[int, ...] = (),
 ) -> np.ndarray:
     """Segment a (C, X, Y, Z) volume slice by slice along Z; returns canonical labels (X, Y, Z) uint8.
 
     Region outputs are thresholded per region and nested into one label map (ET inside TC
     inside WT); class outputs take the argmax. Any in-plane size works (the model pads).
+
+    Test-time mirroring: with `mirror_axes`, for example (0, 1), each batch is also segmented
+    flipped along every combination of those in-plane axes (4 passes for two axes). The
+    sigmoid or softmax probabilities, flipped back, are averaged before thresholding or argmax.
     """
+    flips = _mirror_flips(tuple(mirror_axes))
     model.eval()
     device = torch.device(device)
     depth = image.shape[3]
     labels = np.zeros(image.shape[1:], dtype=np.uint8)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for start in range(0, depth, batch_size):
         stop = min(start + batch_size, depth)
         batch = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(image[..., start:stop]), 3, 0)))
         batch = batch.to(device=device, dtype=torch.float32)  # (B, C, X, Y)
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with autocast:
-            logits = model(batch)
-        logits = logits.float()
+        probabilities = None
+        for dims in flips:
+            with autocast:
+                logits = model(torch.flip(batch, dims) if dims else batch)
+            logits = logits.float()
+            if dims:
+                logits = torch.flip(logits, dims)
+            # Averaging probabilities, not logits, keeps one confident pass from outvoting the rest.
+            current = torch.sigmoid(logits) if target == "regions" else torch.softmax(logits, dim=1)
+            probabilities = current if probabilities is None else probabilities + current
+        probabilities /= len(flips)
         if target == "regions":
-            regions = (torch.sigmoid(logits) > threshold).cpu().numpy()  # (B, 3, X, Y)
+            regions = (probabilities > threshold).cpu().numpy()  # (B, 3, X, Y)
             predicted = regions_to_labels(np.moveaxis(regions, 0, -1))  # (X, Y, B)
         else:
-            predicted = np.moveaxis(logits.argmax(dim=1).cpu().numpy().astype(np.uint8), 0, -1)
+            predicted = np.moveaxis(probabilities.argmax(dim=1).cpu().numpy().astype(np.uint8), 0, -1)
         labels[..., start:stop] = predicted
     return labels
 

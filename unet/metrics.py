@@ -8,6 +8,10 @@ Empty masks follow the BraTS challenge rules so that no metric is ever NaN:
     Dice: both empty -> 1.0, exactly one empty -> 0.0.
     HD95: both empty -> 0.0 mm, exactly one empty -> a fixed penalty (373.13 mm by default,
     the diagonal of the 240 x 240 x 155 BraTS volume at 1 mm isotropic spacing).
+
+Lesion-wise Dice and HD95 (`lesion_wise_scores`) score each connected tumour component on its
+own, the way the BraTS 2023 challenge does, so that missed small lesions and spurious blobs
+weigh as much as one large lesion.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
+from scipy import ndimage
 
 from unet.labels import REGIONS, labels_to_regions
 
@@ -35,7 +40,12 @@ REGION_METRIC_KEYS: tuple[str, ...] = (
     "specificity",
     "pred_volume_ml",
     "true_volume_ml",
+    "lesion_dice",
+    "lesion_hd95_mm",
 )
+
+DEFAULT_LESION_DILATION_ITERS = 3
+"""Dilation steps (3x3x3 structure) that widen each true lesion before matching predicted components."""
 
 
 def _binary_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +162,83 @@ def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return np.count_nonzero(mask) * voxel_mm3 * ML_PER_MM3
 
 
+def _bounding_crop(mask: np.ndarray) -> tuple[slice, ...]:
+    """Return slices around the non-zero voxels of `mask` widened by one voxel per side (clipped).
+
+    The one-voxel margin keeps the array border as background on every side, so surface voxels,
+    and with them HD95, are the same in the crop as in the whole volume.
+    """
+    present = np.argwhere(mask)
+    low = np.maximum(present.min(axis=0) - 1, 0)
+    high = np.minimum(present.max(axis=0) + 2, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def lesion_wise_scores(
+    pred: np.ndarray,
+    target: np.ndarray,
+    spacing: Sequence[float],
+    dilation_iters: int = DEFAULT_LESION_DILATION_ITERS,
+    penalty_mm: float = DEFAULT_HD95_PENALTY_MM,
+) -> dict[str, float]:
+    """Return lesion-wise {"dice", "hd95_mm"} of two binary masks of the same shape, usually (X, Y, Z).
+
+    Rules (those of the BraTS 2023 lesion-wise metrics, without their minimum lesion size):
+    1. Lesions are the connected components of `target`, and predicted components those of
+       `pred`, both with 26-connectivity (the full 3x3x3 neighbourhood; 8 in 2D).
+    2. Each true lesion is dilated `dilation_iters` times with a 3x3x3 structure (3x3 in 2D). Every predicted
+       component that overlaps the dilated lesion is matched to it, whole. One predicted
+       component can match several lesions.
+    3. A matched lesion scores the Dice and HD95 between the lesion and the union of its
+       matched components. An unmatched lesion (false negative) scores Dice 0 and HD95
+       `penalty_mm`.
+    4. Each predicted component matched to no lesion (false positive) adds one more entry with
+       Dice 0 and HD95 `penalty_mm`.
+    5. Each score is the mean over all entries (true lesions plus false positives). Both masks
+       empty gives Dice 1.0 and HD95 0.0.
+
+    `spacing` gives the voxel size in mm per axis.
+    """
+    pred_mask, target_mask = _binary_pair(pred, target)
+    _spacing_for(spacing, pred_mask.ndim)
+    if dilation_iters < 0:
+        raise ValueError(f"invalid dilation_iters {dilation_iters}: expected an integer >= 0")
+    cube = np.ones((3,) * pred_mask.ndim, dtype=bool)
+    true_components, lesion_count = ndimage.label(target_mask, structure=cube)
+    pred_components, pred_count = ndimage.label(pred_mask, structure=cube)
+    if lesion_count == 0 and pred_count == 0:
+        return {"dice": 1.0, "hd95_mm": 0.0}
+
+    dices: list[float] = []
+    distances: list[float] = []
+    matched: set[int] = set()
+    for index, lesion_slices in enumerate(ndimage.find_objects(true_components), start=1):
+        # Dilation only reaches `dilation_iters` voxels out, so it runs on a padded window of the lesion.
+        window = tuple(
+            slice(max(s.start - dilation_iters, 0), min(s.stop + dilation_iters, size))
+            for s, size in zip(lesion_slices, target_mask.shape)
+        )
+        lesion_window = true_components[window] == index
+        dilated = ndimage.binary_dilation(lesion_window, structure=cube, iterations=dilation_iters) if dilation_iters else lesion_window
+        overlapping = np.unique(pred_components[window][dilated])
+        overlapping = overlapping[overlapping != 0]
+        if overlapping.size == 0:
+            dices.append(0.0)
+            distances.append(float(penalty_mm))
+            continue
+        matched.update(int(label) for label in overlapping)
+        lesion = true_components == index
+        prediction = np.isin(pred_components, overlapping)
+        # Scoring on a crop around both masks gives the same values as on the whole volume, faster.
+        crop = _bounding_crop(lesion | prediction)
+        dices.append(dice(prediction[crop], lesion[crop]))
+        distances.append(hd95(prediction[crop], lesion[crop], spacing, penalty_mm))
+    false_positives = pred_count - len(matched)
+    dices.extend([0.0] * false_positives)
+    distances.extend([float(penalty_mm)] * false_positives)
+    return {"dice": float(np.mean(dices)), "hd95_mm": float(np.mean(distances))}
+
+
 def score_case(
     pred_labels: np.ndarray,
     true_labels: np.ndarray,
@@ -163,7 +250,8 @@ def score_case(
     Returns {region: {metric: value}} for each region in REGIONS with the metrics named in
     REGION_METRIC_KEYS. Regions are nested, so an ET voxel (label 3) counts in WT, TC and ET.
     A region absent from both maps scores Dice 1.0 and HD95 0.0; absent from exactly one, Dice
-    0.0 and HD95 `penalty_mm`.
+    0.0 and HD95 `penalty_mm`. `lesion_dice` and `lesion_hd95_mm` come from
+    `lesion_wise_scores` with its default dilation and the same penalty.
     """
     pred_labels = np.asarray(pred_labels)
     true_labels = np.asarray(true_labels)
@@ -186,6 +274,9 @@ def score_case(
             "pred_volume_ml": volume_ml(pred_region, spacing),
             "true_volume_ml": volume_ml(true_region, spacing),
         }
+        lesion = lesion_wise_scores(pred_region, true_region, spacing, penalty_mm=penalty_mm)
+        scores[region]["lesion_dice"] = lesion["dice"]
+        scores[region]["lesion_hd95_mm"] = lesion["hd95_mm"]
     return scores
 
 
@@ -193,8 +284,10 @@ def summarize(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict
     """Aggregate the scores {case_id: score_case(...)} over cases.
 
     Returns {region: {"dice_mean", "dice_median", "hd95_mean", "hd95_median"}} for each region
-    in REGIONS, plus "mean_dice" (mean over regions of dice_mean) and "num_cases". Empty masks
-    are already scored by the BraTS rules in each case, so no value is NaN.
+    in REGIONS, plus "mean_dice" (mean over regions of dice_mean) and "num_cases". When every
+    case has the lesion-wise scores of a region, that region also gets "lesion_dice_mean" and
+    "lesion_hd95_mean". Empty masks are already scored by the BraTS rules in each case, so no
+    value is NaN.
 
     Raises ValueError when `per_case` is empty or a case lacks a region or metric.
     """
@@ -218,6 +311,9 @@ def summarize(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict
             "hd95_mean": float(np.mean(distances)),
             "hd95_median": float(np.median(distances)),
         }
+        if all("lesion_dice" in s[region] and "lesion_hd95_mm" in s[region] for s in per_case.values()):
+            summary[region]["lesion_dice_mean"] = float(np.mean([s[region]["lesion_dice"] for s in per_case.values()]))
+            summary[region]["lesion_hd95_mean"] = float(np.mean([s[region]["lesion_hd95_mm"] for s in per_case.values()]))
     summary["mean_dice"] = float(np.mean([summary[region]["dice_mean"] for region in REGIONS]))
     summary["num_cases"] = len(per_case)
     return summary
