@@ -183,3 +183,27 @@ def test_register_refuses_dirty_tree(pipeline):
     assert result.returncode == 1
     assert "uncommitted changes in params.yaml" in result.stderr
     assert "--allow-dirty" in result.stderr
+
+
+def test_reproduce_registered_version(pipeline):
+    result = subprocess.run(["unet", "reproduce", "models:/brain-tumor-unet/1"], cwd=pipeline["repo"], env=_environment(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "models:/brain-tumor-unet/1 at commit" in result.stdout
+    assert ": reproduced" in result.stdout
+
+
+def test_reproduce_unknown_commit_names_it(pipeline):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline['repo'] / 'mlflow.db'}")
+    client = MlflowClient()
+    source = client.get_model_version("brain-tumor-unet", "1").source
+    version = client.create_model_version("brain-tumor-unet", source=source,
+                                          tags={"git.commit": "0" * 40, "metric.mean_dice": "0.5"})
+    result = subprocess.run(["unet", "reproduce", f"models:/brain-tumor-unet/{version.version}"], cwd=pipeline["repo"],
+                            env=_environment(), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"commit {'0' * 40}" in result.stderr
+    assert "git fetch" in result.stderr
