@@ -59,7 +59,12 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def torchrun_command(params_path: str, extra: list[str] | None = None) -> list[str]:
-    """Build the torchrun command line for `python -m unet.train` from the train block of params."""
+    """Build the torchrun command line for `python -m unet.train` from the train block of params.
+
+    Without train.rdzv_endpoint on one node it is `--standalone` (torchrun picks a free port);
+    otherwise a c10d rendezvous whose id is $UNET_RDZV_ID (use the scheduler's job id, the same
+    on every node), default `unet-train`.
+    """
     from unet.config import load_params
 
     cfg = load_params(params_path).train
@@ -74,12 +79,22 @@ def torchrun_command(params_path: str, extra: list[str] | None = None) -> list[s
 
 
 def _train(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+
+    endpoint = load_params(args.params).train.rdzv_endpoint
+    if endpoint:
+        from unet.train import check_rendezvous_port
+
+        # Fail at once on a taken local port; torchrun would connect to the stranger and hang.
+        check_rendezvous_port(endpoint)
     command = torchrun_command(args.params, ["--resume"] if args.resume else [])
     log.info("running %s", shlex.join(command))
     return subprocess.run(command).returncode
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.predictions or args.labels or args.out_dir:
+        return _score_folders(args)
     from unet.config import load_params
     from unet.evaluate import run
 
@@ -88,12 +103,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_dice_table(metrics: dict) -> None:
+def _score_folders(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.evaluate import score_folders
+    from unet.metrics import DEFAULT_HD95_PENALTY_MM, summarize
+
+    missing = [flag for flag, value in (("--predictions", args.predictions), ("--labels", args.labels),
+                                        ("-o", args.out_dir)) if not value]
+    if missing:
+        print(f"error: scoring masks needs --predictions, --labels and -o together; missing {', '.join(missing)}",
+              file=sys.stderr)
+        return 2
+    params_path = Path(args.params)
+    # Outside a project there is no params.yaml, so the BraTS default penalty applies.
+    penalty_mm = load_params(params_path).evaluate.hd95_penalty_mm if params_path.is_file() else DEFAULT_HD95_PENALTY_MM
+    scores, skipped = score_folders(Path(args.predictions), Path(args.labels), Path(args.out_dir),
+                                    args.label_convention, penalty_mm)
+    for case_id, reason in skipped.items():
+        print(f"skipped {case_id}: {reason}", file=sys.stderr)
+    if not scores:
+        print(f"error: no case could be scored; predictions in {args.predictions} and labels in {args.labels} "
+              "need matching case ids (<case_id>.nii.gz)", file=sys.stderr)
+        return 1
+    summary = summarize(scores)
+    print_dice_table(summary, "scored")
+    print(f"wrote {Path(args.out_dir) / 'per_case.csv'} and {Path(args.out_dir) / 'summary.json'}")
+    return 1 if skipped else 0
+
+
+def print_dice_table(metrics: dict, kind: str = "held-out") -> None:
     print(f"{'region':<8}{'Dice mean':>10}{'Dice median':>13}{'HD95 mean (mm)':>16}")
     for region in ("WT", "TC", "ET"):
         values = metrics[region]
         print(f"{region:<8}{values['dice_mean']:>10.3f}{values['dice_median']:>13.3f}{values['hd95_mean']:>16.2f}")
-    print(f"mean Dice over regions: {metrics['mean_dice']:.3f} ({metrics['num_cases']} held-out case(s))")
+    print(f"mean Dice over regions: {metrics['mean_dice']:.3f} ({metrics['num_cases']} {kind} case(s))")
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -114,7 +157,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.model.startswith(("models:/", "runs:/")):
         configure_mlflow(load_params(args.params).tracking)
-    failures = predict(Path(args.input), Path(args.output), args.model, Path(args.spec) if args.spec else None)
+    failures = predict(Path(args.input), Path(args.output), args.model, Path(args.spec) if args.spec else None,
+                       label_convention=args.label_convention, tta=args.tta)
     print(f"wrote masks to {args.output}" + (f"; {len(failures)} case(s) skipped" if failures else ""))
     return 1 if failures else 0
 
@@ -136,6 +180,21 @@ def _promote(args: argparse.Namespace) -> int:
                           max_region_drop=params.register.max_region_drop)
     print(message)
     return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from unet.config import load_params
+    from unet.reproduce import reproduce
+    from unet.tracking import configure_mlflow
+
+    configure_mlflow(load_params(args.params).tracking)
+    result = reproduce(args.model, tolerance=args.tolerance, keep=args.keep)
+    print(f"{'':<10}{'recorded':>10}{'reproduced':>12}{'difference':>12}")
+    for key, row in result["comparison"].items():
+        print(f"{key:<10}{row['recorded']:>10.4f}{row['reproduced']:>12.4f}{row['difference']:>12.4f}")
+    verdict = "reproduced" if result["matched"] else "NOT reproduced"
+    print(f"{args.model} at commit {result['commit'][:12]}: {verdict} (tolerance {result['tolerance']})")
+    return 0 if result["matched"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--strict", action="store_true", help="fail on the first invalid case")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        if name == "evaluate":
+            p.add_argument("--predictions", help="score the masks <case_id>.nii.gz in this folder instead of "
+                           "running the stage (needs --labels and -o)")
+            p.add_argument("--labels", help="labels to score against: a canonical dataset folder, or a flat folder "
+                           "of <case_id>.nii.gz or <case_id>_seg.nii.gz")
+            p.add_argument("-o", "--out-dir", help="folder for per_case.csv and summary.json")
+            p.add_argument("--label-convention", default="canonical",
+                           help="label convention of the predictions and of a flat label folder, for example "
+                           "brats2017 (default: canonical)")
         if name == "register":
             p.add_argument("--allow-dirty", action="store_true", help="register despite uncommitted changes (also UNET_ALLOW_DIRTY=1); the diff is logged")
 
@@ -179,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint path")
     p.add_argument("--spec", help="dataset spec for a layout without BraTS names")
     p.add_argument("--params", default="params.yaml", help="params file with the MLflow tracking settings")
+    p.add_argument("--label-convention", default="canonical",
+                   help="write the masks in this label convention, for example brats2017 writes ET as 4 (default: canonical)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time mirroring: average 4 in-plane flips of every slice (about 4x slower)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("promote", help="move an alias (default staging) to a model version, or roll it back")
@@ -189,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", action="store_true", help="move the alias back to the version it held before")
     p.add_argument("--params", default="params.yaml", help="params file with the MLflow tracking settings")
     p.set_defaults(func=_promote)
+
+    p = sub.add_parser("reproduce", help="re-run the pipeline of a registered version and compare its Dice")
+    p.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest Dice difference accepted (default: 0 for deterministic CPU runs, else 0.05)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary worktree for inspection")
+    p.add_argument("--params", default="params.yaml", help="params file with the MLflow tracking settings")
+    p.set_defaults(func=_reproduce)
     return parser
 
 

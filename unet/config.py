@@ -24,7 +24,7 @@ def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the ingested cases are and how they are split."""
+    """Location of the ingested cases and their split."""
 
     dir: str = "data"
     """Folder with the canonical layout and dataset.yaml, versioned by data.dvc."""
@@ -96,8 +96,10 @@ class TrainConfig:
     grad_clip: float = 12.0
     """Maximum gradient norm; 0 disables clipping."""
     precision: str = "auto"
-    """`auto` (bf16 autocast where supported), `bf16` or `fp32`."""
+    """`auto` (bf16 where supported, fp16 with loss scaling on CUDA without bf16, else fp32), `bf16`, `fp16` or `fp32`."""
     channels_last: bool = True
+    compile: bool = False
+    """Run the model through torch.compile (first steps are slower while it compiles)."""
     num_workers: int = 0
     """DataLoader worker processes per training process."""
     seed: int = 42
@@ -116,7 +118,8 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _require(self.schedule in ("poly", "cosine", "constant"), "train.schedule", self.schedule, "'poly', 'cosine' or 'constant'")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0")
-        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision, "'auto', 'bf16' or 'fp32'")
+        _require(self.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", self.precision,
+                 "'auto', 'bf16', 'fp16' or 'fp32'")
         _require(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
         _require(self.nnodes == 1 or bool(self.rdzv_endpoint), "train.rdzv_endpoint", self.rdzv_endpoint,
                  "host:port of the rendezvous when train.nnodes > 1")
@@ -145,7 +148,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Where MLflow keeps runs, models and artifacts (shared by train, evaluate and register)."""
+    """MLflow storage for runs, models and artifacts (shared by train, evaluate and register)."""
 
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set."""

@@ -13,7 +13,9 @@ Launch lines (run from the project root, next to params.yaml):
     unet train
 
 Rank 0 alone logs to MLflow, writes checkpoints and the training history. After a torchrun
-restart (TORCHELASTIC_RESTART_COUNT > 0) training resumes from the latest checkpoint.
+restart (TORCHELASTIC_RESTART_COUNT > 0) training resumes from the latest checkpoint: weights,
+optimiser, schedule, GradScaler, the RNG states of every rank and the MLflow run. The checkpoint
+is written at the end of every epoch, so a restart repeats at most the epoch that was cut short.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import logging
 import math
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -107,19 +111,56 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """Return the autocast dtype for `train.precision`, or None for fp32.
 
-    `auto` picks bf16 on CUDA devices that support it and on CPUs with native bf16
-    (AVX-512 BF16 or AMX); elsewhere it stays in fp32.
+    `auto` picks bf16 on CUDA devices that support it, fp16 on older CUDA devices (trained
+    with a GradScaler), bf16 on CPUs with native bf16 (AVX-512 BF16 or AMX), and fp32 on
+    other CPUs, where fp16 and emulated bf16 are slower than fp32.
     """
     if precision == "fp32":
         return None
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
     cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
         torch.cpu, "_is_amx_tile_supported", lambda: False
     )()
     if precision == "bf16" or cpu_bf16:
         return torch.bfloat16
     return None
+
+
+def check_rendezvous_port(endpoint: str, default_port: int = 29400) -> None:
+    """Raise ValueError when `endpoint` (host:port) names an address of this machine whose port
+    another process already holds.
+
+    torchrun would otherwise take the listener for a rendezvous store, connect to it and hang
+    until the rendezvous times out. The probe binds with SO_REUSEADDR, so a port left in
+    TIME_WAIT by an earlier run counts as free, as it does for torchrun. A host that is not an
+    address of this machine (bind fails with EADDRNOTAVAIL) is another node's: not checked.
+    """
+    host, _, port_text = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", str(default_port))
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+        addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (ValueError, socket.gaierror) as error:
+        raise ValueError(f"invalid train.rdzv_endpoint {endpoint!r} ({error}); expected host:port, "
+                         "for example node0:29400") from None
+    for address, family in addresses.items():
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ValueError(
+                        f"rendezvous port {port} of train.rdzv_endpoint {endpoint!r} is already in use on this machine; "
+                        "pick another port (train.rdzv_endpoint), or for a single node set train.nnodes: 1 with an "
+                        "empty train.rdzv_endpoint to run --standalone") from None
+                if error.errno != errno.EADDRNOTAVAIL:
+                    raise
 
 
 def build_model(params: Params, in_channels: int) -> UNet:
@@ -151,9 +192,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, params: Params) -> torch.op
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the plain module inside DDP and torch.compile wrappers, so state dicts carry no prefixes."""
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
+    """Return the plain module inside DDP and torch.compile wrappers (in any nesting order),
+    so state dicts carry neither `module.` nor `_orig_mod.` prefixes."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def train_one_epoch(
@@ -165,8 +212,13 @@ def train_one_epoch(
     context: DistributedContext,
     epoch: int,
     amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
 ) -> float:
-    """Run one epoch and return the mean loss over all ranks."""
+    """Run one epoch and return the mean loss over all ranks.
+
+    `scaler` is enabled only for fp16 autocast; disabled, its calls pass the loss and the
+    optimiser step through unchanged.
+    """
     model.train()
     loss_fn = region_loss if params.model.target == "regions" else class_loss
     memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
@@ -185,10 +237,14 @@ def train_one_epoch(
                 "lower train.lr or set train.precision: fp32, then restart"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if params.train.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
-        optimizer.step()
+        # With fp16 the scaler skips the step when a gradient overflowed; the schedule still
+        # advances so that it stays aligned with the step count after a resume.
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         total += loss.detach().double().cpu()
         count += 1
@@ -255,21 +311,48 @@ def model_metadata(params: Params, manifest: dict[str, Any], model: UNet) -> dic
     }
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
+    """Gather the RNG states of all ranks, indexed by rank. This is a collective, so every rank must call it."""
+    state = _rng_state(context.device)
+    if context.world_size == 1:
+        return [state]
+    states: list[Any] = [None] * context.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _agree(context: DistributedContext, value: Any) -> Any:
+    """Return rank 0's value on every rank, because ranks on different nodes may see different files."""
+    if context.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class Tracker:
     """MLflow logging for rank 0; every method is a no-op on the other ranks."""
 
-    def __init__(self, params: Params, context: DistributedContext, out_dir: Path, resume: bool):
+    def __init__(self, params: Params, context: DistributedContext, out_dir: Path, resume: bool, run_id: str | None):
+        """Start a new MLflow run or, when resuming from a checkpoint, continue its run: `run_id`
+        as recorded in the checkpoint, else the one in out_dir/run.json."""
         self.active = context.is_main
+        self.run_id: str | None = None
         if not self.active:
             return
         import mlflow
@@ -279,18 +362,47 @@ class Tracker:
 
         self.mlflow = mlflow
         experiment_id = configure_mlflow(params.tracking)
-        run_id = read_run_file(out_dir)["run_id"] if resume and (out_dir / "run.json").is_file() else None
-        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
+        if not resume:
+            run_id = None
+        elif run_id is None and (out_dir / "run.json").is_file():
+            run_id = read_run_file(out_dir)["run_id"]
+        try:
+            run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
+        except mlflow.exceptions.MlflowException as error:
+            # The run was deleted or belongs to another tracking store, so training continues in a new run.
+            log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, str(error).splitlines()[0])
+            run_id = None
+            run = mlflow.start_run(experiment_id=experiment_id)
+        self.run_id = run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(params.to_dict()))
             mlflow.set_tags({f"env.{k}": str(v) for k, v in environment().items()}
                             | {"world_size": str(context.world_size), "device": str(context.device)})
-            write_run_file(out_dir, run.info.run_id, experiment_id)
+        else:
+            mlflow.set_tag("resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+        # Evaluate and register find the training run through run.json.
+        write_run_file(out_dir, run.info.run_id, experiment_id)
         log.info("MLflow run %s (experiment %s, tracking %s)", run.info.run_id, experiment_id, mlflow.get_tracking_uri())
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:
             self.mlflow.log_metrics(metrics, step=step)
+
+    def log_epochs(self, history: list[dict[str, float]], only_missing: bool = False) -> None:
+        """Log history rows as metrics at step = epoch; with only_missing, skip epochs the run has.
+
+        A worker can die between the checkpoint of an epoch and its metrics; on resume the
+        checkpoint's history fills that gap without logging any epoch twice.
+        """
+        if not self.active:
+            return
+        logged = set()
+        if only_missing:
+            client = self.mlflow.MlflowClient()
+            logged = {metric.step for metric in client.get_metric_history(self.run_id, "train_loss")}
+        for row in history:
+            if row["epoch"] not in logged:
+                self.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=row["epoch"])
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
@@ -311,6 +423,8 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
         report_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed + context.rank, cfg.deterministic)
+    if cfg.deterministic and context.device.type == "cuda" and cfg.compile:
+        log.warning("train.compile with train.deterministic: compiled kernels are not guaranteed bit-identical across runs")
     model = build_model(params, in_channels=len(manifest["modalities"])).to(context.device)
     if context.device.type == "cuda" and context.world_size > 1:
         # SyncBatchNorm only runs on CUDA; on CPU each rank keeps its own batch statistics.
@@ -320,21 +434,41 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
     optimizer = make_optimizer(model, params)
     scheduler = make_scheduler(optimizer, params)
     amp_dtype = autocast_dtype(context.device, cfg.precision)
+    # Loss scaling is needed for fp16 only; bf16 has the exponent range of fp32.
+    scaler = torch.amp.GradScaler(context.device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_dice, history = 1, -1.0, []
+    start_epoch, best_dice, history, run_id = 1, -1.0, [], None
     latest = out_dir / LATEST_CHECKPOINT
-    if resume and latest.is_file():
+    # Rank 0 decides, so that all ranks start at the same epoch or none resumes.
+    if _agree(context, resume and latest.is_file()):
+        if not latest.is_file():
+            raise FileNotFoundError(
+                f"rank {context.rank} cannot read {latest}, which rank 0 resumes from; "
+                "put train.out_dir on a filesystem shared by all nodes")
         state = torch.load(latest, map_location=context.device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best_dice, history = state["epoch"] + 1, state["best_dice"], state["history"]
-        _restore_rng(state["rng"][context.rank] if context.rank < len(state["rng"]) else state["rng"][0])
+        run_id = state.get("mlflow_run_id")
+        rng_states = state["rng"]
+        if len(rng_states) == context.world_size:
+            _restore_rng(rng_states[context.rank], context.device)
+        elif context.is_main:
+            # An elastic restart may change the world size; ranks then keep their fresh seeds.
+            log.warning("checkpoint holds RNG states of %d rank(s), this run has %d; ranks keep seed + rank",
+                        len(rng_states), context.world_size)
         log.info("resumed from %s at epoch %d", latest, start_epoch)
 
     wrapped: nn.Module = model
     if context.world_size > 1:
         wrapped = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    if cfg.compile:
+        # Compile the DDP module, so that the compiler can overlap gradient buckets with backward.
+        # Checkpoints use unwrap(model) and stay free of `_orig_mod.` prefixes.
+        wrapped = torch.compile(wrapped)
 
     dataset = AxialPatchDataset(
         train_dirs, patch_size=cfg.patch_size, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
@@ -344,42 +478,48 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, drop_last=True, num_workers=cfg.num_workers,
                         pin_memory=context.device.type == "cuda")
 
-    tracker = Tracker(params, context, out_dir, resume=resume and start_epoch > 1)
+    tracker = Tracker(params, context, out_dir, resume=start_epoch > 1, run_id=run_id)
+    tracker.log_epochs(history, only_missing=True)
     if context.is_main:
         log.info("settings: %d train / %d val cases, %d slices (%d with tumour), base_channels %d (%d parameters), "
-                 "%s, %d process(es) on %s, autocast %s, %d epochs x %d steps x batch %d",
+                 "%s, %d process(es) on %s (world size %d), autocast %s%s%s, %d epochs x %d steps x batch %d",
                  len(train_dirs), len(val_dirs), len(dataset.slices), len(dataset.foreground), params.model.base_channels,
-                 count_parameters(model), params.model.target, context.world_size, context.device, amp_dtype,
+                 count_parameters(model), params.model.target, context.world_size, context.device, context.world_size,
+                 amp_dtype, " with GradScaler" if scaler.is_enabled() else "", ", torch.compile" if cfg.compile else "",
                  cfg.epochs, cfg.steps_per_epoch, cfg.batch_size)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             dataset.set_epoch(epoch)
-            loss = train_one_epoch(wrapped, loader, optimizer, scheduler, params, context, epoch, amp_dtype)
+            loss = train_one_epoch(wrapped, loader, optimizer, scheduler, params, context, epoch, amp_dtype, scaler)
             val_dice = validate(wrapped, val_dirs, params, context, amp_dtype) if val_dirs else {}
             mean_dice = float(np.mean(list(val_dice.values()))) if val_dice else float("nan")
             row = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
                    **{f"val_dice_{r}": val_dice.get(r, float("nan")) for r in REGIONS}, "val_dice_mean": mean_dice,
                    "seconds": time.perf_counter() - started}
             history.append(row)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=epoch)
-            log.info("epoch %d/%d done: loss %.4f%s (%.0f s)", epoch, cfg.epochs, loss,
-                     f", val Dice {mean_dice:.3f}" if val_dice else "", row["seconds"])
+            rng_states = gather_rng_states(context)  # collective: before the rank-0 branch
 
+            # Checkpoint before logging, so that an epoch in MLflow always has a checkpoint
+            # behind it and a restart does not log the same epoch twice.
             if context.is_main:
                 metadata = model_metadata(params, manifest, unwrap(model))
                 improved = bool(val_dice) and mean_dice > best_dice
                 best_dice = max(best_dice, mean_dice) if val_dice else best_dice
                 save_checkpoint(latest, {
                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice, "history": history,
-                    "rng": [_rng_state()], **metadata,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "best_dice": best_dice, "history": history, "rng": rng_states, "mlflow_run_id": tracker.run_id,
+                    **metadata,
                 })
                 # Without validation cases the last epoch's weights are the final model.
                 if improved or not val_dirs:
                     save_checkpoint(out_dir / FINAL_CHECKPOINT, {"model": unwrap(model).state_dict(), "epoch": epoch,
                                                                  "val_dice": val_dice, **metadata})
                 write_history(report_dir / HISTORY_FILE, history)
+            tracker.log_epochs([row])
+            log.info("epoch %d/%d done: loss %.4f%s (%.0f s)", epoch, cfg.epochs, loss,
+                     f", val Dice {mean_dice:.3f}" if val_dice else "", row["seconds"])
     except BaseException:
         tracker.finish("FAILED")
         raise
