@@ -20,6 +20,8 @@ def test_repository_params_load():
     ({"train": {"nnodes": 2}}, "train.rdzv_endpoint=''"),
     ({"model": {"upsampling": "nearest"}}, "model.upsampling='nearest'"),
     ({"model": {"target": "labels"}}, "model.target='labels'"),
+    ({"model": {"spatial_dims": 4}}, "model.spatial_dims=4: expected 2 or 3"),
+    ({"evaluate": {"overlap": 1.0}}, "evaluate.overlap=1.0"),
     ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold=1.5"),
     ({"data": {"test_cases": ["a"], "val_cases": ["a"]}}, "data.val_cases=['a']"),
     ({"train": {"batchsize": 8}}, "unknown params key train.batchsize"),

@@ -104,3 +104,25 @@ def test_torchrun_command_multi_node(tmp_path):
     assert "--rdzv_backend=c10d" in command
     assert "--rdzv_endpoint=node0:29400" in command
     assert "--max_restarts=3" in command
+
+
+def test_train_3d_patches_and_sliding_window(workdir):
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["model"] = {"base_channels": 2, "spatial_dims": 3}
+    raw["train"].update({"out_dir": str(workdir / "three_d"), "patch_size": 16, "steps_per_epoch": 2, "batch_size": 2})
+    raw["evaluate"] = {"report_dir": str(workdir / "three_d" / "reports"), "batch_size": 4}
+    params_path = workdir / "three_d.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run([sys.executable, "-m", "unet.train", "--params", str(params_path)], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    from unet.inference import load_checkpoint, segment_volume
+
+    model, metadata = load_checkpoint(workdir / "three_d" / "checkpoint.pt")
+    assert metadata["model_config"]["spatial_dims"] == 3
+    image = np.load(workdir / "preprocessed" / "BraTS2021_00006" / "image.npy")
+    labels = segment_volume(model, image, metadata, batch_size=4)
+    assert labels.shape == image.shape[1:]
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}

@@ -63,11 +63,14 @@ class ModelConfig:
     """`bilinear` (up-sampling then 3x3 conv) or `transpose` (2x2 transposed conv)."""
     target: str = "regions"
     """`regions`: WT, TC, ET as independent sigmoids; `classes`: softmax over the 4 canonical labels."""
+    spatial_dims: int = 2
+    """2 trains on axial slices and predicts slice by slice; 3 trains on 3D patches and predicts with sliding windows."""
 
     def __post_init__(self) -> None:
         _require(self.base_channels >= 1, "model.base_channels", self.base_channels, "an integer >= 1")
         _require(self.upsampling in ("bilinear", "transpose"), "model.upsampling", self.upsampling, "'bilinear' or 'transpose'")
         _require(self.target in ("regions", "classes"), "model.target", self.target, "'regions' or 'classes'")
+        _require(self.spatial_dims in (2, 3), "model.spatial_dims", self.spatial_dims, "2 or 3")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class TrainConfig:
     batch_size: int = 8
     """Slices per process and step."""
     patch_size: int = 128
-    """Side of the square in-plane patch; a multiple of 16."""
+    """Side of the square slice patch (2D) or cubic patch (3D) in voxels; a multiple of 16."""
     foreground_fraction: float = 0.5
     """Fraction of each batch whose patch is centred on a tumour voxel."""
     optimizer: str = "adamw"
@@ -132,7 +135,9 @@ class EvaluateConfig:
     out_dir: str = "predictions"
     report_dir: str = "reports"
     batch_size: int = 16
-    """Slices per forward pass."""
+    """Slices (2D) or sliding-window patches (3D) per forward pass."""
+    overlap: float = 0.5
+    """Fraction by which neighbouring 3D sliding windows overlap."""
     threshold: float = 0.5
     """Sigmoid threshold for region outputs."""
     hd95_penalty_mm: float = 373.13
@@ -142,6 +147,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _require(0.0 <= self.overlap < 1.0, "evaluate.overlap", self.overlap, "a number in [0, 1)")
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", self.threshold, "a number in (0, 1)")
         _require(self.hd95_penalty_mm >= 0, "evaluate.hd95_penalty_mm", self.hd95_penalty_mm, "a number >= 0")
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unet.config import Params
-from unet.inference import load_checkpoint, predict_volume, resolve_model
+from unet.inference import load_checkpoint, resolve_model, segment_volume
 from unet.io import DATASET_FILE, NIFTI_SUFFIXES, CaseFiles, discover_cases, load_volume, save_like, strip_nifti_suffix, write_bytes_atomic
 from unet.labels import REGIONS, LabelConvention, get_convention
 from unet.preprocess import load_manifest, prepare_case, restore_geometry
@@ -54,7 +54,7 @@ def segment_case(
         raise ValueError(f"case {case.case_id}: modality {missing[0]} is missing; the model expects {expected}")
     ordered = CaseFiles(case.case_id, {m: case.images[m] for m in expected}, None, case.mask, None)
     image, _, record = prepare_case(ordered, metadata.get("preprocessing", {}).get("margin", 0))
-    labels = predict_volume(model, image, metadata["target"], batch_size, metadata.get("threshold", 0.5), mirror_axes=mirror_axes)
+    labels = segment_volume(model, image, metadata, batch_size, mirror_axes=mirror_axes)
     restored = restore_geometry(labels, record)
     reference = nib.load(str(next(iter(ordered.images.values()))))
     return restored, reference

@@ -89,6 +89,37 @@ def predict_volume(
     return labels
 
 
+def segment_volume(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    metadata: dict[str, Any],
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    mirror_axes: tuple[int, ...] = (),
+) -> np.ndarray:
+    """Segment a preprocessed (C, X, Y, Z) volume with the model a checkpoint describes; returns labels (X, Y, Z) uint8.
+
+    2D models predict slice by slice; 3D models use Gaussian-blended sliding windows of the
+    training patch size, overlapping by `evaluate.overlap` from the checkpoint's params.
+    """
+    target = metadata["target"]
+    threshold = metadata.get("threshold", 0.5)
+    if metadata["model_config"].get("spatial_dims", 2) == 2:
+        return predict_volume(model, image, target, batch_size, threshold, device, amp_dtype, mirror_axes)
+    if mirror_axes:
+        raise ValueError("test-time mirroring is implemented for 2D models only; drop --tta or evaluate.tta_mirroring")
+    from unet.sliding_window import sliding_window_probabilities
+
+    params = metadata.get("params", {})
+    patch_size = params.get("train", {}).get("patch_size", 64)
+    overlap = params.get("evaluate", {}).get("overlap", 0.5)
+    probabilities = sliding_window_probabilities(model, image, target, patch_size, overlap, batch_size, device, amp_dtype)
+    if target == "regions":
+        return regions_to_labels(probabilities > threshold)
+    return probabilities.argmax(axis=0).astype(np.uint8)
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
     """Build the U-Net stored in a training checkpoint; returns (model in eval mode, checkpoint metadata)."""
     path = Path(path)

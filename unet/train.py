@@ -43,8 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from unet.config import Params, load_params
-from unet.dataset import AxialPatchDataset
-from unet.inference import predict_volume
+from unet.dataset import AxialPatchDataset, VolumePatchDataset
+from unet.inference import segment_volume
 from unet.labels import CANONICAL_LABEL_NAMES, REGION_LABELS, REGIONS, labels_to_regions
 from unet.losses import class_loss, region_loss
 from unet.model import UNet, count_parameters
@@ -165,7 +165,15 @@ def check_rendezvous_port(endpoint: str, default_port: int = 29400) -> None:
 
 def build_model(params: Params, in_channels: int) -> UNet:
     out_channels = len(REGIONS) if params.model.target == "regions" else len(CANONICAL_LABEL_NAMES)
-    return UNet(in_channels, out_channels, params.model.base_channels, params.model.upsampling, spatial_dims=2)
+    return UNet(in_channels, out_channels, params.model.base_channels, params.model.upsampling,
+                spatial_dims=params.model.spatial_dims)
+
+
+def memory_format_for(params: Params) -> torch.memory_format:
+    """channels_last (2D) or channels_last_3d (3D) when train.channels_last is set, else contiguous."""
+    if not params.train.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if params.model.spatial_dims == 2 else torch.channels_last_3d
 
 
 def make_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
@@ -221,7 +229,7 @@ def train_one_epoch(
     """
     model.train()
     loss_fn = region_loss if params.model.target == "regions" else class_loss
-    memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
+    memory_format = memory_format_for(params)
     total, count = torch.zeros((), dtype=torch.float64), 0
     started = time.perf_counter()
     for step, (images, targets) in enumerate(loader, start=1):
@@ -274,8 +282,9 @@ def validate(
     for case_dir in case_dirs[context.rank :: context.world_size]:
         image = np.load(case_dir / "image.npy", mmap_mode="r")
         label = np.load(case_dir / "label.npy")
-        predicted = predict_volume(plain, image, params.model.target, params.evaluate.batch_size,
-                                   params.evaluate.threshold, context.device, amp_dtype)
+        metadata = {"target": params.model.target, "threshold": params.evaluate.threshold,
+                    "model_config": plain.config, "params": params.to_dict()}
+        predicted = segment_volume(plain, image, metadata, params.evaluate.batch_size, context.device, amp_dtype)
         for index, (pred, true) in enumerate(zip(labels_to_regions(predicted), labels_to_regions(label))):
             sums[index, 0] += float(np.logical_and(pred, true).sum())
             sums[index, 1] += float(pred.sum())
@@ -430,7 +439,7 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
         # SyncBatchNorm only runs on CUDA; on CPU each rank keeps its own batch statistics.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format_for(params))
     optimizer = make_optimizer(model, params)
     scheduler = make_scheduler(optimizer, params)
     amp_dtype = autocast_dtype(context.device, cfg.precision)
@@ -470,7 +479,8 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
         # Checkpoints use unwrap(model) and stay free of `_orig_mod.` prefixes.
         wrapped = torch.compile(wrapped)
 
-    dataset = AxialPatchDataset(
+    dataset_class = AxialPatchDataset if params.model.spatial_dims == 2 else VolumePatchDataset
+    dataset = dataset_class(
         train_dirs, patch_size=cfg.patch_size, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
         batch_size=cfg.batch_size, foreground_fraction=cfg.foreground_fraction, target=params.model.target,
         seed=cfg.seed, rank=context.rank, world_size=context.world_size,
