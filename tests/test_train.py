@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,38 @@ def test_train_3d_patches_and_sliding_window(workdir):
     labels = segment_volume(model, image, metadata, batch_size=4)
     assert labels.shape == image.shape[1:]
     assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+
+
+def test_rerun_resumes_unfinished_training(workdir):
+    # A first run is killed after its first checkpoint; the same command then continues it.
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["train"].update({"out_dir": str(workdir / "rerun"), "epochs": 40, "steps_per_epoch": 3, "log_every": 100})
+    raw["evaluate"] = {"report_dir": str(workdir / "rerun" / "reports")}
+    params_path = workdir / "rerun.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    command = [sys.executable, "-m", "unet.train", "--params", str(params_path)]
+    first = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = workdir / "rerun" / "checkpoint_latest.pt"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    stopped_at = torch.load(latest, weights_only=False)["epoch"]
+    assert stopped_at < 40
+
+    second = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"stopped after epoch {stopped_at} of 40" in second.stdout
+    history = (workdir / "rerun" / "reports" / "train_history.csv").read_text().splitlines()
+    assert len(history) == 41  # header + every epoch once
+
+
+def test_rerun_with_other_params_starts_fresh(workdir):
+    first = _train(workdir, "changed", epochs=1)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = _train(workdir, "changed", epochs=1, lr=0.01)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "starting fresh instead of resuming" in second.stdout
+    assert "the train params differ" in second.stdout

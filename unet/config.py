@@ -107,6 +107,8 @@ class TrainConfig:
     """DataLoader worker processes per training process."""
     seed: int = 42
     deterministic: bool = False
+    auto_resume: bool = True
+    """Continue an unfinished run from its latest checkpoint when params and data are unchanged."""
     log_every: int = 10
     """Steps between progress lines."""
 

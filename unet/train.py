@@ -24,6 +24,8 @@ import argparse
 import contextlib
 import csv
 import errno
+import hashlib
+import json
 import logging
 import math
 import os
@@ -317,7 +319,35 @@ def model_metadata(params: Params, manifest: dict[str, Any], model: UNet) -> dic
         "preprocessing": dict(manifest["settings"]),
         "threshold": params.evaluate.threshold,
         "params": params.to_dict(),
+        "data_fingerprint": data_fingerprint(manifest),
     }
+
+
+def data_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 of what the training data is made of: input file hashes, preprocessing settings and split."""
+    content = {
+        "cases": {case_id: record.get("source_sha256") for case_id, record in manifest["cases"].items()},
+        "settings": manifest["settings"],
+        "split": manifest["split"],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def resume_decision(latest: Path, params: Params, manifest: dict[str, Any]) -> tuple[bool, str]:
+    """Decide whether a re-run continues from `latest`: same model and train params, same data, not finished."""
+    if not latest.is_file():
+        return False, "no checkpoint to resume from"
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    saved = state.get("params", {})
+    current = params.to_dict()
+    for block in ("model", "train"):
+        if saved.get(block) != current[block]:
+            return False, f"the {block} params differ from those of {latest}"
+    if state.get("data_fingerprint") != data_fingerprint(manifest):
+        return False, f"the preprocessed data differs from that of {latest}"
+    if state["epoch"] >= params.train.epochs:
+        return False, f"{latest} already completed all {params.train.epochs} epochs"
+    return True, f"{latest} stopped after epoch {state['epoch']} of {params.train.epochs} with the same params and data"
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -448,6 +478,11 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
 
     start_epoch, best_dice, history, run_id = 1, -1.0, [], None
     latest = out_dir / LATEST_CHECKPOINT
+    if not resume and cfg.auto_resume and context.is_main:
+        # A re-run of the stage (for example after a cancelled flow run) continues an unfinished
+        # run instead of starting over, but never mixes runs of different settings or data.
+        resume, reason = resume_decision(latest, params, manifest)
+        log.info("%s from %s: %s", "resuming" if resume else "starting fresh instead of resuming", latest, reason)
     # Rank 0 decides, so that all ranks start at the same epoch or none resumes.
     if _agree(context, resume and latest.is_file()):
         if not latest.is_file():
