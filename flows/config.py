@@ -20,9 +20,17 @@ class _Settings(BaseModel):
 
 
 class IngestSettings(_Settings):
-    """Settings of ingestion: the source of new cases and the handling of a new data version."""
+    """Settings of ingestion: the source of new cases and the handling of a new data version.
+
+    Credentials for an s3:// source are not among them, so they never appear in a flow run's
+    parameters. boto3 reads them from the standard AWS settings of the process that runs the
+    flow: environment variables, ~/.aws, or an instance or pod role.
+    """
 
     source: str = Field(description="folder or s3://bucket/prefix holding the cases; a relative folder is taken from project_dir")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint URL for an s3:// source, e.g. a MinIO server; default: the AWS settings, else AWS")
+    region: str | None = Field(None, description="region of an s3:// source's bucket; default: the AWS settings")
     dest: str = Field("data", description="dataset folder tracked by DEST.dvc")
     spec: str | None = Field(None, description="dataset spec (YAML) for a layout without BraTS names")
     strict: bool = Field(False, description="fail on the first invalid case instead of skipping it")

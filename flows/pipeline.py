@@ -71,7 +71,7 @@ def ingest_flow(config: IngestFlowConfig) -> IngestResult:
     with_retries = {"retries": config.retries, "retry_delay_seconds": exponential_backoff(config.retry_backoff_s)}
     report = ingest_cases.with_options(**with_retries)(
         _source_for(config.source, project), project / config.dest,
-        project / config.spec if config.spec else None, config.strict)
+        project / config.spec if config.spec else None, config.strict, config.endpoint_url, config.region)
     if report.written:
         validate_data(project / config.dest)
     # Always `dvc add`: it also picks up cases written by an earlier run that stopped before versioning them.

@@ -48,14 +48,17 @@ def default_remote(project_dir: Path) -> str | None:
 
 @task(name="ingest-cases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(10),
       retry_jitter_factor=0.2)
-def ingest_cases(source: str, dest: Path, spec: Path | None, strict: bool) -> IngestReport:
+def ingest_cases(source: str, dest: Path, spec: Path | None, strict: bool, endpoint_url: str | None = None,
+                 region: str | None = None) -> IngestReport:
     """Bring the cases under `source` (a folder or s3:// URI, passed through as given) into `dest`.
 
-    Ingestion is idempotent (unchanged cases are left alone), so a retry after a
-    transient failure redoes only what is missing. `dvc add` is left to `version_data`.
+    For an s3:// source, `endpoint_url` and `region` override the standard AWS settings,
+    which also supply the credentials. Ingestion is idempotent (unchanged cases are left
+    alone) and S3 downloads resume, so a retry after a transient failure redoes only what
+    is missing. `dvc add` is left to `version_data`.
     """
     logger = get_run_logger()
-    report = ingest(source, dest, spec, strict=strict, use_dvc=False)
+    report = ingest(source, dest, spec, strict=strict, use_dvc=False, endpoint_url=endpoint_url, region=region)
     logger.info("%d case(s) written, %d unchanged, %d skipped", len(report.written), len(report.unchanged),
                 len(report.skipped))
     for case_id, reasons in report.skipped.items():

@@ -1,14 +1,18 @@
 """Prefect flows against Prefect's real local server (the test harness), with real git, DVC and processes.
 
 The training flow runs on crops of real cases in a temporary git repository holding a
-copy of this project, like tests/test_pipeline.py. The other tests use a small DVC project
-whose stages are shell commands and torchrun with `--no-python` workers. The cancellation
+copy of this project, like tests/test_pipeline.py. It reads them once from a folder and once
+from a bucket on moto's S3 server, which this module starts on 127.0.0.1 (boto3 is not
+mocked). The other tests use a small DVC project whose stages are shell commands and
+torchrun with `--no-python` workers. The cancellation
 test serves the deployments with `python -m flows.serve` and cancels a run through the API,
 as the UI does. The deployment tests register prefect.yaml with `prefect deploy`.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import random
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 from uuid import UUID
 
+import boto3
 import psutil
 import pytest
 import yaml
@@ -46,6 +51,8 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.config import IngestFlowConfig, IngestSettings, RetrainFlowConfig, TrainFlowConfig
 from flows.pipeline import ingest_flow, retrain_on_new_data, train_flow
 from flows.process import run_command
+from test_s3_ingest import FlakyProxy
+from unet import s3
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("preprocess", "train", "evaluate", "register")
@@ -139,11 +146,11 @@ def _flow_run_count(flow_name: str) -> int:
         return len(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))))
 
 
-# --- the training flow on real cases ---------------------------------------------------------
+def _training_project(tmp_path_factory) -> tuple[Path, Path]:
+    """A committed git + DVC copy of this project with tiny training params and a local default remote.
 
-
-@pytest.fixture(scope="module")
-def trained(prefect_server, cropped_source, tmp_path_factory):
+    Returns the checkout and the remote's folder.
+    """
     repo = tmp_path_factory.mktemp("project")
     _copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -155,7 +162,25 @@ def trained(prefect_server, cropped_source, tmp_path_factory):
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], repo)
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "project")
+    return repo, remote
 
+
+def _registered_version(repo: Path):
+    """The model version that the register stage recorded in the checkout's registration.json."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    registration = json.loads((repo / "registration.json").read_text())
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(
+        registration["model_name"], str(registration["version"]))
+
+
+# --- the training flow on real cases ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_server, cropped_source, tmp_path_factory):
+    repo, remote = _training_project(tmp_path_factory)
     ingested = ingest_flow(IngestFlowConfig(source=str(cropped_source), project_dir=repo), return_state=True)
     training_runs_before = _flow_run_count("train-flow")
     training = train_flow(TrainFlowConfig(project_dir=repo), return_state=True)
@@ -197,6 +222,108 @@ def test_retrain_skips_without_new_cases(trained):
 
 def test_retrain_starts_no_training(trained):
     assert trained["training_runs"] == 1  # the direct train_flow call only
+
+
+# --- ingestion from S3: moto's server, and a proxy in front of it that fails requests ---------------
+
+BUCKET = "incoming"
+S3_SOURCE = f"s3://{BUCKET}/raw/"
+CASES = ["BraTS2021_00006", "OtherEXampleFromTCIA", "TCGA-DU-7294"]
+# Attempts that unet.s3 makes at one object before it gives up; ingest() uses the default.
+S3_ATTEMPTS = inspect.signature(s3.download_prefix).parameters["max_attempts"].default
+
+
+@pytest.fixture(scope="module")
+def aws_settings(tmp_path_factory):
+    """Dummy credentials, and no AWS config file, profile, endpoint or HTTP proxy from the machine running the tests."""
+    settings = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
+                     "AWS_RETRY_MODE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_CONFIG_FILE", str(settings / "config"))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(settings / "credentials"))
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3_source(aws_settings, moto_endpoint, cropped_source) -> str:
+    """S3_SOURCE on moto's server, holding the cropped cases as <case>/<file> under raw/."""
+    client = boto3.session.Session().client("s3", endpoint_url=moto_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    for path in sorted(cropped_source.rglob("*.nii.gz")):
+        client.put_object(Bucket=BUCKET, Key=f"raw/{path.relative_to(cropped_source).as_posix()}", Body=path.read_bytes())
+    return S3_SOURCE
+
+
+@pytest.fixture(scope="module")
+def retrained_from_s3(prefect_server, s3_source, moto_endpoint, tmp_path_factory):
+    repo, _ = _training_project(tmp_path_factory)
+    config = RetrainFlowConfig(project_dir=repo, ingest=IngestSettings(source=s3_source, endpoint_url=moto_endpoint,
+                                                                       region="us-east-1"))
+    return {"repo": repo, "state": retrain_on_new_data(config, return_state=True)}
+
+
+def test_s3_retrain_trains(retrained_from_s3):
+    assert retrained_from_s3["state"].result() is True
+
+
+def test_s3_ingest_writes_cases(retrained_from_s3):
+    data = retrained_from_s3["repo"] / "data"
+    assert sorted(path.name for path in data.iterdir() if path.is_dir()) == CASES
+
+
+def test_s3_ingest_records_source(retrained_from_s3):
+    provenance = json.loads((retrained_from_s3["repo"] / "data" / "provenance.json").read_text())
+    assert provenance["source_uri"] == S3_SOURCE
+
+
+def test_s3_ingest_commits_data_version(retrained_from_s3):
+    repo = retrained_from_s3["repo"]
+    assert _git(repo, "log", "-1", "--format=%s", "--", "data.dvc") == f"Ingest 3 new or changed case(s) from {S3_SOURCE}"
+
+
+def test_s3_retrain_writes_metrics_and_registration(retrained_from_s3):
+    repo = retrained_from_s3["repo"]
+    assert (repo / "metrics.json").is_file()
+    assert (repo / "registration.json").is_file()
+
+
+def test_s3_registered_version_tags_data_hash(retrained_from_s3):
+    repo = retrained_from_s3["repo"]
+    data_md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert _registered_version(repo).tags["data.dvc_md5"] == data_md5
+
+
+@pytest.fixture
+def flaky_s3(s3_source, moto_endpoint, monkeypatch):
+    """FlakyProxy in front of moto; unet.s3's backoff between attempts at an object is shortened."""
+    monkeypatch.setattr(s3, "RETRY_BASE_DELAY_S", 0.05)
+    proxy = FlakyProxy(moto_endpoint)
+    yield proxy
+    proxy.close()
+
+
+def test_ingest_task_retried_after_s3_error(prefect_server, flaky_s3, tmp_path):
+    """Every attempt at the first object gets half its body, so the first task attempt fails; the retry succeeds."""
+    project = tmp_path / "project"
+    project.mkdir()
+    _git(project, "init", "-q")
+    _run([sys.executable, "-m", "dvc", "init", "-q"], project)
+    flaky_s3.cut_gets = S3_ATTEMPTS
+    state = ingest_flow(IngestFlowConfig(source=S3_SOURCE, endpoint_url=flaky_s3.url, project_dir=project, retries=2,
+                                         retry_backoff_s=0.5), return_state=True)
+    task = _task_run_named(_task_runs(state.state_details.flow_run_id, 4), "ingest-cases")
+    assert state.type == StateType.COMPLETED
+    assert flaky_s3.cut == S3_ATTEMPTS
+    assert task.run_count == 2
+    assert task.state.type == StateType.COMPLETED
+    assert sorted(state.result().written) == CASES
 
 
 # --- a small DVC project whose stages are plain commands ----------------------------------------
