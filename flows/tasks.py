@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 from flows.process import DEFAULT_GRACE_PERIOD_S, child_environment, run_command
 from unet.config import load_params
 from unet.ingest import IngestReport, ingest
+from unet.s3 import S3Error
 from unet.validate import validate_dataset
 
 
@@ -46,8 +47,14 @@ def default_remote(project_dir: Path) -> str | None:
     return name if result.returncode == 0 and name else None
 
 
+def retry_if_transient(task, task_run, state) -> bool:
+    """Retry the ingest task only after a transient S3 failure; a missing bucket or a bad case fails at once."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, S3Error) and error.transient
+
+
 @task(name="ingest-cases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(10),
-      retry_jitter_factor=0.2)
+      retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient)
 def ingest_cases(source: str, dest: Path, spec: Path | None, strict: bool, endpoint_url: str | None = None,
                  region: str | None = None) -> IngestReport:
     """Bring the cases under `source` (a folder or s3:// URI, passed through as given) into `dest`.

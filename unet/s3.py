@@ -66,7 +66,16 @@ WRONG_REGION_CODES = frozenset({"AuthorizationHeaderMalformed", "IllegalLocation
 
 
 class S3Error(RuntimeError):
-    """Raised when the objects under an S3 prefix cannot be staged; the message names the bucket or key and the fix."""
+    """Raised when the objects under an S3 prefix cannot be staged; the message names the bucket or key and the fix.
+
+    `transient` is True when the last failure was one that may pass (connection error,
+    timeout, HTTP 5xx, throttling), so a later attempt of the whole ingestion can succeed;
+    False for a missing bucket, denied access, an unsafe key and the like.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -128,7 +137,8 @@ def download_prefix(
     try:
         listing = _list_objects(client, bucket, prefix)
     except (BotoCoreError, ClientError) as error:
-        raise S3Error(_describe_failure(error, bucket, prefix, endpoint, max_attempts)) from error
+        raise S3Error(_describe_failure(error, bucket, prefix, endpoint, max_attempts),
+                      transient=_is_transient(error)) from error
     if not listing:
         raise S3Error(f"no objects found under s3://{bucket}/{prefix} at {endpoint}; check the prefix in the URI")
     planned = _plan_downloads(listing, bucket, prefix, staging)
@@ -328,7 +338,8 @@ def _download_with_retries(
             return
         except (BotoCoreError, ClientError) as error:
             if not _is_transient(error) or attempt == max_attempts:
-                raise S3Error(_describe_failure(error, bucket, key, endpoint, max_attempts)) from error
+                raise S3Error(_describe_failure(error, bucket, key, endpoint, max_attempts),
+                              transient=_is_transient(error)) from error
             delay = random.uniform(0, min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1)))
             log.warning("download of s3://%s/%s failed (%s: %s); retrying in %.1f s, attempt %d of %d",
                         bucket, key, type(error).__name__, error, delay, attempt + 1, max_attempts)
