@@ -306,8 +306,15 @@ def test_export_brats2017_writes_4(all_et_checkpoint, one_case, tmp_path):
     assert set(np.unique(np.asarray(nib.load(str(tmp_path / f"{CASE}.nii.gz")).dataobj)).tolist()) == {4}
 
 
-def test_export_default_writes_3(all_et_checkpoint, one_case, tmp_path):
+def test_export_default_uses_own_convention(all_et_checkpoint, one_case, tmp_path):
+    # BraTS 2021 file names mean the BraTS 2017-2022 convention, where ET is 4.
     main(["predict", "-i", str(one_case), "-o", str(tmp_path), "--model", str(all_et_checkpoint)])
+    assert set(np.unique(np.asarray(nib.load(str(tmp_path / f"{CASE}.nii.gz")).dataobj)).tolist()) == {4}
+
+
+def test_export_canonical_writes_3(all_et_checkpoint, one_case, tmp_path):
+    main(["predict", "-i", str(one_case), "-o", str(tmp_path), "--model", str(all_et_checkpoint),
+          "--label-convention", "canonical"])
     assert set(np.unique(np.asarray(nib.load(str(tmp_path / f"{CASE}.nii.gz")).dataobj)).tolist()) == {3}
 
 

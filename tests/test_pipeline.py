@@ -168,7 +168,16 @@ def test_predict_from_registry_keeps_geometry(pipeline, cropped_source, tmp_path
         assert mask.shape == reference.shape
         assert np.array_equal(mask.affine, reference.affine)
         assert mask.get_data_dtype() == np.uint8
-        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2, 3}
+        # BraTS 2021 file names mean the BraTS 2017-2022 convention: ET is written as 4.
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+def test_predict_canonical_on_request(pipeline, cropped_source, tmp_path):
+    out = tmp_path / "masks"
+    _run(["unet", "predict", "-i", str(cropped_source), "-o", str(out), "--model", "model/checkpoint.pt",
+          "--label-convention", "canonical"], pipeline["repo"])
+    mask = nib.load(str(out / "BraTS2021_00006.nii.gz"))
+    assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2, 3}
 
 
 def test_register_refuses_dirty_tree(pipeline):

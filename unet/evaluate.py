@@ -271,22 +271,29 @@ def predict(
     model_ref: str,
     spec: Path | None = None,
     batch_size: int = 16,
-    label_convention: str = "canonical",
+    label_convention: str = "auto",
     tta: bool = False,
 ) -> dict[str, str]:
     """Segment every case under `input_dir` into OUTPUT/<case_id>.nii.gz; returns {case_id: error} for skipped cases.
 
-    Masks are written in `label_convention` (for example `brats2017` writes ET as 4). `tta`
-    averages the probabilities over mirrored copies of each slice (4 passes, about 4x slower).
+    Masks are written in `label_convention`: `auto` (the default) uses each case's own
+    convention, known from its file naming (BraTS 2021 names: ET is 4; BraTS 2023 names: ET
+    is 3), its dataset spec or the dataset.yaml of an ingested folder, and canonical labels
+    where none is known; a convention name (for example `canonical`) applies to every case.
+    `tta` averages the probabilities over mirrored copies of each slice (4 passes, about 4x slower).
     """
     from unet.ingest import detect_spec, load_spec, resolve_spec
 
     input_dir = Path(input_dir)
     if (input_dir / "dataset.yaml").is_file():
-        _, cases = discover_cases(input_dir)
+        info, cases = discover_cases(input_dir)
+        own = {case.case_id: info.source_conventions.get(case.case_id) for case in cases}
     else:
-        cases = resolve_spec(load_spec(spec) if spec else detect_spec(input_dir), input_dir)
-    convention = get_convention(label_convention)
+        dataset_spec = load_spec(spec) if spec else detect_spec(input_dir)
+        cases = resolve_spec(dataset_spec, input_dir)
+        own = {case.case_id: case.label_convention.name if case.label_convention else dataset_spec.label_convention
+               for case in cases}
+    forced = None if label_convention == "auto" else get_convention(label_convention)
     model, metadata = load_checkpoint(resolve_model(model_ref))
     output_dir.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
@@ -297,5 +304,7 @@ def predict(
             failures[case.case_id] = str(error)
             log.error("skipping case %s: %s", case.case_id, error)
             continue
+        convention = forced or get_convention(own.get(case.case_id) or "canonical")
+        log.info("case %s: labels written in the %s convention", case.case_id, convention.name)
         save_like(convention.from_canonical(mask), reference, output_dir / f"{case.case_id}.nii.gz", np.uint8)
     return failures

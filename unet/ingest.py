@@ -61,6 +61,8 @@ class DatasetSpec:
     modalities: list[str]
     split: dict[str, list[str]]
     groups: list[dict[str, Any]]
+    label_convention: str | None = None
+    """Convention shared by every group (set by a recognised layout even without label files); None if mixed."""
 
 
 @dataclass
@@ -107,7 +109,10 @@ def load_spec(path: Path) -> DatasetSpec:
             except ValueError as error:
                 raise IngestError(f"dataset spec {path}: group {number}: {error}") from error
     split = {str(k): [str(c) for c in v] for k, v in (raw.get("split") or {}).items()}
-    return DatasetSpec(name=str(raw["name"]), modalities=modalities, split=split, groups=list(raw["groups"]))
+    named = {group["label_convention"] for group in raw["groups"] if isinstance(group.get("label_convention"), str)}
+    shared = named.pop() if len(named) == 1 and all("label_convention" in g for g in raw["groups"]) else None
+    return DatasetSpec(name=str(raw["name"]), modalities=modalities, split=split, groups=list(raw["groups"]),
+                       label_convention=shared)
 
 
 def _match_one(folder: Path, pattern: str, case: str, what: str) -> Path | None:
@@ -159,7 +164,8 @@ def detect_spec(source: Path) -> DatasetSpec:
             group["label"] = f"{{case}}{suffixes['label']}.nii*"
             group["label_convention"] = convention
         log.info("recognised %s in %s (%d cases)", name, source, len(roots))
-        return DatasetSpec(name=source.name, modalities=["t1", "t1c", "t2", "flair"], split={}, groups=[group])
+        return DatasetSpec(name=source.name, modalities=["t1", "t1c", "t2", "flair"], split={}, groups=[group],
+                           label_convention=convention)
     raise IngestError(
         f"{source}: no BraTS-named files (<case>_t1ce.nii.gz or <case>-t1c.nii.gz) found; "
         "describe the layout in a dataset spec and pass it with --spec"
@@ -177,7 +183,7 @@ def _decathlon_spec(source: Path, staging: Path) -> DatasetSpec:
         group["label"] = "{case}_seg.nii.gz"
         group["label_convention"] = "decathlon"
     log.info("recognised the Decathlon layout in %s (channels %s)", source, ", ".join(modalities))
-    return DatasetSpec(name=source.name, modalities=modalities, split={}, groups=[group])
+    return DatasetSpec(name=source.name, modalities=modalities, split={}, groups=[group], label_convention="decathlon")
 
 
 def _copy_image(source: Path, target: Path) -> None:
