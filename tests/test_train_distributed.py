@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from unet.cli import torchrun_command
+from unet.cli import torchrun_command, torchrun_environment
 from unet.config import params_from_dict
 from unet.ingest import ingest
 from unet.preprocess import run as preprocess
@@ -64,7 +64,7 @@ def _environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
+    return torchrun_environment(env)
 
 
 def _start(command: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:

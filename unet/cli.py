@@ -78,6 +78,20 @@ def torchrun_command(params_path: str, extra: list[str] | None = None) -> list[s
     return command + ["-m", "unet.train", "--params", params_path, *(extra or [])]
 
 
+def torchrun_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the environment for torchrun: `base` (default os.environ) with the rendezvous store kept private.
+
+    Since torch 2.4 torchrun shares its rendezvous TCP store with the workers' process group.
+    After an elastic restart, workers then read the previous incarnation's gloo addresses and
+    fail with "connectFullMesh failed ... Connection refused" or hang (pytorch/pytorch#135712,
+    seen here with torch 2.13 when a worker was killed). A private store per incarnation
+    avoids that. A value the user set wins.
+    """
+    environment = dict(os.environ if base is None else base)
+    environment.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return environment
+
+
 def _train(args: argparse.Namespace) -> int:
     from unet.config import load_params
 
@@ -89,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
         check_rendezvous_port(endpoint)
     command = torchrun_command(args.params, ["--resume"] if args.resume else [])
     log.info("running %s", shlex.join(command))
-    return subprocess.run(command).returncode
+    return subprocess.run(command, env=torchrun_environment()).returncode
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -247,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint path")
     p.add_argument("--spec", help="dataset spec for a layout without BraTS names")
     p.add_argument("--params", default="params.yaml", help="params file with the MLflow tracking settings")
-    p.add_argument("--label-convention", default="canonical",
-                   help="write the masks in this label convention, for example brats2017 writes ET as 4 (default: canonical)")
+    p.add_argument("--label-convention", default="auto",
+                   help="label convention of the masks: auto (default) uses each case's own convention from its file "
+                        "naming, spec or dataset.yaml, else canonical; or a name such as canonical or brats2017")
     p.add_argument("--tta", action="store_true",
                    help="test-time mirroring: average 4 in-plane flips of every slice (about 4x slower)")
     p.set_defaults(func=_predict)
