@@ -76,9 +76,20 @@ def _start(command: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    """Kill torchrun and every worker it started; workers run in sessions of their own, out of its group."""
+    if process.poll() is not None:
+        return
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    os.killpg(process.pid, signal.SIGKILL)
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            continue
+    process.wait()
 
 
 def _free_port() -> int:
