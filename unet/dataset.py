@@ -1,10 +1,10 @@
-"""Training samples: random 2D axial patches from the preprocessed volumes, with augmentation.
+"""Training samples: random 2D slice patches or 3D volume patches from the preprocessed cases, with augmentation.
 
-Sharding: every epoch, the slices of the training cases are permuted with a generator seeded
-by (seed, epoch) and rank r takes every world_size-th slice from position r, so ranks see
-disjoint shards that change from epoch to epoch. Foreground oversampling: the first
-`round(foreground_fraction * batch_size)` samples of every batch are drawn from slices that
-contain tumour and centred on a tumour voxel.
+Sharding: every epoch, the sampling units (axial slices in 2D, cases in 3D) are permuted with
+a generator seeded by (seed, epoch) and rank r takes every world_size-th unit from position r,
+so ranks see disjoint shards that change from epoch to epoch. Foreground oversampling: the
+first `round(foreground_fraction * batch_size)` samples of every batch are drawn from units
+that contain tumour and centred on a tumour voxel.
 
 Each sample is generated from a generator seeded by (seed, epoch, rank, index), so a sample
 does not depend on which DataLoader worker makes it: runs are repeatable for any number of
@@ -23,11 +23,12 @@ from torch.utils.data import Dataset
 from unet.labels import labels_to_regions
 
 
-class AxialPatchDataset(Dataset):
-    """Random (C, P, P) patches of axial slices with (3, P, P) region or (P, P) class targets.
+class PatchDataset(Dataset):
+    """Random patches with (3, *patch) region or (*patch) class targets; the sampling shared by 2D and 3D.
 
-    `len()` is the number of samples this rank draws per epoch; call `set_epoch` before
-    every epoch (before the DataLoader starts its workers).
+    Subclasses list their sampling units (axial slices or whole volumes) and cut one patch
+    from a unit. `len()` is the number of samples this rank draws per epoch; call
+    `set_epoch` before every epoch (before the DataLoader starts its workers).
     """
 
     def __init__(
@@ -56,26 +57,23 @@ class AxialPatchDataset(Dataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
-
-        # Slice index: (case number, z) for every axial slice, and those with tumour.
-        self.slices: list[tuple[int, int]] = []
-        self.foreground: list[tuple[int, int]] = []
-        for number, case_dir in enumerate(self.case_dirs):
-            label = np.load(case_dir / "label.npy", mmap_mode="r")
-            has_tumour = np.asarray(label).reshape(-1, label.shape[2]).any(axis=0)
-            for z in range(label.shape[2]):
-                self.slices.append((number, z))
-                if has_tumour[z]:
-                    self.foreground.append((number, z))
+        self.units, self.foreground = self._index()
         self._images: list[np.ndarray] | None = None
         self._labels: list[np.ndarray] | None = None
         self.set_epoch(0)
 
+    def _index(self) -> tuple[list, list]:
+        """Return (every sampling unit, the units that contain tumour)."""
+        raise NotImplementedError
+
+    def _cut(self, unit, want_tumour: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Return a (C, *patch) float32 image and its (*patch) labels from one unit."""
+        raise NotImplementedError
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.slices))
-        self.shard = [self.slices[i] for i in order[self.rank :: self.world_size]] or self.slices
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        self.shard = [self.units[i] for i in order[self.rank :: self.world_size]] or self.units
         order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.foreground))
         self.foreground_shard = [self.foreground[i] for i in order[self.rank :: self.world_size]] or self.foreground
 
@@ -91,27 +89,43 @@ class AxialPatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, index])
-        images, labels = self._volumes()
         want_tumour = (index % self.batch_size) < self.foreground_per_batch and bool(self.foreground_shard)
         pool = self.foreground_shard if want_tumour else self.shard
-        case, z = pool[rng.integers(len(pool))]
-        image = np.asarray(images[case][:, :, :, z], dtype=np.float32)  # (C, X, Y)
-        label = np.asarray(labels[case][:, :, z])  # (X, Y)
-
-        centre = None
-        if want_tumour:
-            xs, ys = np.nonzero(label)
-            pick = rng.integers(len(xs))
-            centre = (int(xs[pick]), int(ys[pick]))
-        image, label = crop_patch(image, label, self.patch_size, rng, centre)
+        image, label = self._cut(pool[rng.integers(len(pool))], want_tumour, rng)
         if self.augment:
             image, label = augment_patch(image, label, rng)
-
         if self.target == "regions":
             target = torch.from_numpy(labels_to_regions(label).astype(np.float32))
         else:
             target = torch.from_numpy(label.astype(np.int64))
         return torch.from_numpy(np.ascontiguousarray(image)), target
+
+
+class AxialPatchDataset(PatchDataset):
+    """Random (C, P, P) patches of axial slices; a unit is (case number, z)."""
+
+    def _index(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        units, foreground = [], []
+        for number, case_dir in enumerate(self.case_dirs):
+            label = np.load(case_dir / "label.npy", mmap_mode="r")
+            has_tumour = np.asarray(label).reshape(-1, label.shape[2]).any(axis=0)
+            for z in range(label.shape[2]):
+                units.append((number, z))
+                if has_tumour[z]:
+                    foreground.append((number, z))
+        return units, foreground
+
+    def _cut(self, unit: tuple[int, int], want_tumour: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self._volumes()
+        case, z = unit
+        image = np.asarray(images[case][:, :, :, z], dtype=np.float32)  # (C, X, Y)
+        label = np.asarray(labels[case][:, :, z])  # (X, Y)
+        centre = None
+        if want_tumour:
+            xs, ys = np.nonzero(label)
+            pick = rng.integers(len(xs))
+            centre = (int(xs[pick]), int(ys[pick]))
+        return crop_patch(image, label, self.patch_size, rng, centre)
 
 
 def crop_patch(
@@ -188,67 +202,20 @@ def augment_patch(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
 
-class VolumePatchDataset(Dataset):
-    """Random (C, P, P, P) patches of whole preprocessed volumes, for `model.spatial_dims: 3`.
+class VolumePatchDataset(PatchDataset):
+    """Random (C, P, P, P) patches of whole preprocessed volumes, for `model.spatial_dims: 3`; a unit is a case.
 
-    Same contract as AxialPatchDataset: targets are (3, P, P, P) regions or (P, P, P) classes,
-    the first `round(foreground_fraction * batch_size)` samples of each batch are centred on a
-    tumour voxel, and each sample depends only on (seed, epoch, rank, index). Ranks take
-    disjoint shards of the case list, permuted every epoch; with fewer cases than ranks every
-    rank samples from all cases.
+    With fewer cases than ranks, every rank samples from all cases.
     """
 
-    def __init__(
-        self,
-        case_dirs: list[Path],
-        *,
-        patch_size: int,
-        samples_per_epoch: int,
-        batch_size: int,
-        foreground_fraction: float,
-        target: str = "regions",
-        augment: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if not case_dirs:
-            raise ValueError("no training cases: the split's train list is empty")
-        self.case_dirs = [Path(d) for d in case_dirs]
-        self.patch_size = patch_size
-        self.samples_per_epoch = samples_per_epoch
-        self.batch_size = batch_size
-        self.foreground_per_batch = int(round(foreground_fraction * batch_size))
-        self.target = target
-        self.augment = augment
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        # Kept for the start-up summary, which reports slices for 2D and cases here.
-        self.slices = list(range(len(self.case_dirs)))
-        self.foreground = [i for i, d in enumerate(self.case_dirs) if np.load(d / "label.npy", mmap_mode="r").any()]
-        self._images: list[np.ndarray] | None = None
-        self._labels: list[np.ndarray] | None = None
-        self.set_epoch(0)
+    def _index(self) -> tuple[list[int], list[int]]:
+        units = list(range(len(self.case_dirs)))
+        foreground = [i for i in units if np.load(self.case_dirs[i] / "label.npy", mmap_mode="r").any()]
+        return units, foreground
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.case_dirs))
-        self.shard = [int(i) for i in order[self.rank :: self.world_size]] or list(range(len(self.case_dirs)))
-        self.foreground_shard = [i for i in self.shard if i in self.foreground] or self.foreground
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index])
-        if self._images is None:
-            self._images = [np.load(d / "image.npy", mmap_mode="r") for d in self.case_dirs]
-            self._labels = [np.load(d / "label.npy", mmap_mode="r") for d in self.case_dirs]
-        want_tumour = (index % self.batch_size) < self.foreground_per_batch and bool(self.foreground_shard)
-        pool = self.foreground_shard if want_tumour else self.shard
-        case = pool[rng.integers(len(pool))]
-        image, label = self._images[case], self._labels[case]
+    def _cut(self, unit: int, want_tumour: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self._volumes()
+        image, label = images[unit], labels[unit]
         centre = None
         if want_tumour:
             # Pick a tumour voxel without materialising every coordinate: a random tumour slice, then a voxel in it.
@@ -257,11 +224,4 @@ class VolumePatchDataset(Dataset):
             xs, ys = np.nonzero(np.asarray(label[:, :, z]))
             pick = rng.integers(len(xs))
             centre = (int(xs[pick]), int(ys[pick]), z)
-        image, label = crop_patch(image, label, self.patch_size, rng, centre)
-        if self.augment:
-            image, label = augment_patch(image, label, rng)
-        if self.target == "regions":
-            target = torch.from_numpy(labels_to_regions(label).astype(np.float32))
-        else:
-            target = torch.from_numpy(label.astype(np.int64))
-        return torch.from_numpy(np.ascontiguousarray(image)), target
+        return crop_patch(image, label, self.patch_size, rng, centre)

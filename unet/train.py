@@ -526,9 +526,9 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
     tracker = Tracker(params, context, out_dir, resume=start_epoch > 1, run_id=run_id)
     tracker.log_epochs(history, only_missing=True)
     if context.is_main:
-        log.info("settings: %d train / %d val cases, %d slices (%d with tumour), base_channels %d (%d parameters), "
+        log.info("settings: %d train / %d val cases, %d sampling units (%d with tumour), base_channels %d (%d parameters), "
                  "%s, %d process(es) on %s (world size %d), autocast %s%s%s, %d epochs x %d steps x batch %d",
-                 len(train_dirs), len(val_dirs), len(dataset.slices), len(dataset.foreground), params.model.base_channels,
+                 len(train_dirs), len(val_dirs), len(dataset.units), len(dataset.foreground), params.model.base_channels,
                  count_parameters(model), params.model.target, context.world_size, context.device, context.world_size,
                  amp_dtype, " with GradScaler" if scaler.is_enabled() else "", ", torch.compile" if cfg.compile else "",
                  cfg.epochs, cfg.steps_per_epoch, cfg.batch_size)
