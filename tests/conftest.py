@@ -124,3 +124,54 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def copy_project(dest: Path) -> None:
+    """Copy this project's files (tracked or new, not ignored) into `dest`, without data.dvc, dvc.lock, tests and docs."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        source = REPO / name
+        if not source.is_file() or name in ("data.dvc", "dvc.lock") or name.startswith(("tests/", "docs/", "benchmarks/")):
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def make_training_workdir(root: Path, cropped_source: Path, tiny: dict) -> Path:
+    """Ingest and preprocess the cropped cases under `root` and write root/params.yaml from the `tiny` blocks."""
+    import yaml
+
+    from unet.config import params_from_dict
+    from unet.ingest import ingest
+    from unet.preprocess import run as preprocess
+
+    ingest(cropped_source, root / "data", use_dvc=False)
+    raw = {block: dict(values) for block, values in tiny.items()}
+    raw["data"]["dir"] = str(root / "data")
+    raw["preprocess"]["out_dir"] = str(root / "preprocessed")
+    preprocess(params_from_dict(raw))
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+@pytest.fixture(scope="module")
+def aws_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Dummy credentials, and no AWS config file, profile, endpoint or HTTP proxy from the machine running the tests."""
+    settings = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
+                     "AWS_RETRY_MODE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_CONFIG_FILE", str(settings / "config"))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(settings / "credentials"))
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        yield

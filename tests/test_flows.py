@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from flows.config import IngestFlowConfig, IngestSettings, RetrainFlowConfig, Tr
 from flows.pipeline import ingest_flow, retrain_on_new_data, train_flow
 from flows.process import run_command
 from test_s3_ingest import FlakyProxy
+from conftest import copy_project
 from unet import s3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,18 +96,6 @@ def _git(cwd: Path, *args: str) -> str:
     return _run(["git", *args], cwd).stdout.strip()
 
 
-def _copy_project(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    for name in listed:
-        source = REPO / name
-        if not source.is_file() or name in ("data.dvc", "dvc.lock") or name.startswith(("tests/", "docs/", "benchmarks/")):
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-
-
 def _wait_for(condition, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,7 +136,7 @@ def _training_project(tmp_path_factory) -> tuple[Path, Path]:
     Returns the checkout and the remote's folder.
     """
     repo = tmp_path_factory.mktemp("project")
-    _copy_project(repo)
+    copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for block, values in TINY_PARAMS.items():
         params[block].update(values)
@@ -227,24 +215,6 @@ S3_SOURCE = f"s3://{BUCKET}/raw/"
 CASES = ["BraTS2021_00006", "OtherEXampleFromTCIA", "TCGA-DU-7294"]
 # Attempts that unet.s3 makes at one object before it gives up; ingest() uses the default.
 S3_ATTEMPTS = inspect.signature(s3.download_prefix).parameters["max_attempts"].default
-
-
-@pytest.fixture(scope="module")
-def aws_settings(tmp_path_factory):
-    """Dummy credentials, and no AWS config file, profile, endpoint or HTTP proxy from the machine running the tests."""
-    settings = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
-                     "AWS_RETRY_MODE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.setenv("AWS_CONFIG_FILE", str(settings / "config"))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(settings / "credentials"))
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -494,7 +464,7 @@ def deployed(prefect_server, tmp_path_factory):
     from prefect.workers.process import ProcessWorker
 
     checkout = tmp_path_factory.mktemp("checkout")
-    _copy_project(checkout)
+    copy_project(checkout)
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="a100-pool", type="process",
                                                base_job_template=ProcessWorker.get_default_base_job_template()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+
+from conftest import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = {
@@ -45,22 +46,10 @@ def _git(cwd: Path, *args: str) -> str:
     return _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd).stdout.strip()
 
 
-def _copy_project(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    for name in listed:
-        source = REPO / name
-        if not source.is_file() or name in ("data.dvc", "dvc.lock") or name.startswith(("tests/", "docs/", "benchmarks/")):
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-
-
 @pytest.fixture(scope="module")
 def pipeline(cropped_source, tmp_path_factory):
     repo = tmp_path_factory.mktemp("project")
-    _copy_project(repo)
+    copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for block, values in TINY_PARAMS.items():
         params[block].update(values)

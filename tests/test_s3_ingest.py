@@ -27,7 +27,6 @@ import pytest
 from unet import s3
 from unet.ingest import ingest
 from unet.io import discover_cases, read_dataset
-from conftest import free_port
 from unet.s3 import RECORD_FILE, S3Error, download_prefix, parse_s3_uri
 
 CASES = ["BraTS2021_00006", "OtherEXampleFromTCIA", "TCGA-DU-7294"]
@@ -43,21 +42,9 @@ _bucket_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Dummy credentials and no AWS config files, proxies or endpoint from the machine running the tests."""
-    settings = tmp_path_factory.mktemp("aws")
+def aws_env(aws_settings) -> Iterator[None]:
+    """The test AWS settings, with a short backoff between download attempts (botocore's own is left as it is)."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
-                     "AWS_RETRY_MODE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.setenv("AWS_CONFIG_FILE", str(settings / "config"))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(settings / "credentials"))
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        # Short backoff between download attempts; botocore's own backoff is left as it is.
         patch.setattr(s3, "RETRY_BASE_DELAY_S", 0.05)
         yield
 

@@ -14,10 +14,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import make_training_workdir
 from unet.cli import torchrun_command
-from unet.config import params_from_dict
-from unet.ingest import ingest
-from unet.preprocess import run as preprocess
 
 TINY = {
     "data": {"test_cases": ["BraTS2021_00006"]},
@@ -31,15 +29,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def workdir(cropped_source, tmp_path_factory) -> Path:
     """A folder with ingested and preprocessed crops of real cases, and a tiny params.yaml."""
-    root = tmp_path_factory.mktemp("train")
-    ingest(cropped_source, root / "data", use_dvc=False)
-    raw = {block: dict(values) for block, values in TINY.items()}
-    raw["data"]["dir"] = str(root / "data")
-    raw["preprocess"]["out_dir"] = str(root / "preprocessed")
-    preprocess(params_from_dict(raw))
-    raw["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    return root
+    return make_training_workdir(tmp_path_factory.mktemp("train"), cropped_source, TINY)
 
 
 def _train(workdir: Path, out_dir: str, preprocessed: Path | None = None, **train_overrides) -> subprocess.CompletedProcess:
