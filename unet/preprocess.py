@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +50,33 @@ def brain_bounding_box(mask: np.ndarray, margin: int = 0) -> list[list[int]]:
     return box
 
 
-def zscore_in_mask(image: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+def zscore_in_mask(
+    image: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None, zero_outside: bool = False
+) -> tuple[np.ndarray, float, float]:
     """Z-score `image` with the mean and standard deviation of the voxels inside `mask`; voxels outside become 0.
 
     Writes into `out` (float32, same shape) when given, so a caller can fill a preallocated
     channel without temporary full-size copies. Statistics are accumulated in float64.
+    `zero_outside=True` promises that `image` is 0 wherever `mask` is False (true when the
+    mask is "non-zero in any modality"), so whole-array sums give the statistics without
+    copying the brain voxels out first.
     """
-    values = image[mask]
-    mean = float(values.mean(dtype=np.float64))
-    std = float(values.std(dtype=np.float64))
+    if zero_outside:
+        count = int(np.count_nonzero(mask))
+        mean = float(image.sum(dtype=np.float64)) / count
+        mean_of_squares = float(np.square(image, dtype=np.float64).sum()) / count
+        std = float(np.sqrt(max(mean_of_squares - mean * mean, 0.0)))
+    else:
+        values = image[mask]
+        mean = float(values.mean(dtype=np.float64))
+        std = float(values.std(dtype=np.float64))
     if std == 0.0:
         raise ValueError("modality is constant inside the brain")
     if out is None:
         out = np.empty(image.shape, dtype=np.float32)
     np.subtract(image, mean, out=out, casting="unsafe")
     out /= std
-    out[~mask] = 0.0
+    np.multiply(out, mask, out=out)
     return out, mean, std
 
 
@@ -80,23 +91,32 @@ def _sha256_file(path: Path) -> str:
 def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Preprocess one case in memory; returns (image (C, X, Y, Z) float32, label (X, Y, Z) uint8 or None, record).
 
-    The record holds what `restore_geometry` needs to map arrays back to the original files.
+    The record contains what `restore_geometry` needs to map arrays back to the original files.
     Volumes stay in their stored data type and are reoriented as views; only the cropped
     region is converted to float32, which keeps peak memory near the case's stored size
     plus the output.
     """
-    volumes = []
-    reference = None
-    for path in case.images.values():
-        array, image = load_volume(path, dtype=None)
-        if reference is None:
-            reference = image
-            transform = orientation_to_ras(image.affine)
-        volumes.append(reorient(array, transform))  # (X, Y, Z) in RAS, a view
-    affine = reference.affine
-
+    # zlib releases the GIL, so threads decompress a case's files in parallel even in one process.
+    paths = list(case.images.values())
+    dtypes: list[type | None] = [None] * len(paths)  # modalities keep their stored data type
+    if case.label is not None:
+        paths.append(case.label)
+        dtypes.append(np.uint8)
     if case.mask is not None:
-        brain = reorient(load_volume(case.mask)[0], transform) > 0.5
+        paths.append(case.mask)
+        dtypes.append(np.float32)
+    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+        loaded = list(pool.map(load_volume, paths, dtypes))
+    reference = loaded[0][1]
+    affine = reference.affine
+    transform = orientation_to_ras(affine)
+    volumes = [reorient(array, transform) for array, _ in loaded[: len(case.images)]]  # (X, Y, Z) in RAS, views
+    label_array = loaded[len(case.images)][0] if case.label else None
+    mask_array = loaded[-1][0] if case.mask else None
+    del loaded
+
+    if mask_array is not None:
+        brain = reorient(mask_array, transform) > 0.5
     else:
         brain = volumes[0] != 0
         for volume in volumes[1:]:
@@ -108,13 +128,13 @@ def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarr
     image = np.empty((len(volumes), *brain.shape), dtype=np.float32)
     stats = {}
     for channel, (modality, volume) in enumerate(zip(case.images, volumes)):
-        _, mean, std = zscore_in_mask(volume[crop], brain, out=image[channel])
+        _, mean, std = zscore_in_mask(volume[crop], brain, out=image[channel], zero_outside=case.mask is None)
         stats[modality] = {"mean": mean, "std": std}
     del volumes
 
     label = None
-    if case.label is not None:
-        label = np.ascontiguousarray(reorient(load_volume(case.label, dtype=np.uint8)[0], transform)[crop])
+    if label_array is not None:
+        label = np.ascontiguousarray(reorient(label_array, transform)[crop])
 
     ras_affine = affine @ _orientation_affine(transform, reference.shape[:3])
     sources = {**case.images, **({"label": case.label} if case.label else {}), **({"mask": case.mask} if case.mask else {})}
