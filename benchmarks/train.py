@@ -112,15 +112,22 @@ def ddp_worker(args: argparse.Namespace) -> None:
 
 
 def ddp_table(args: argparse.Namespace) -> list[str]:
+    """Time DDP with 1 and 2 single-thread processes, and 1 process using every core for comparison.
+
+    Scaling efficiency compares processes with equal resources: the 2-process total against
+    twice one single-thread process. One process with all cores' threads shows what a user
+    gets without DDP on the same machine.
+    """
+    cores = os.cpu_count() or 1
     rows = ["| processes | threads each | images/s (all processes) | scaling efficiency |", "|---:|---:|---:|---:|"]
     single = None
-    for processes in (1, 2):
+    for processes, threads in ((1, 1), (2, 1), (1, cores)):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    str(Path(__file__).resolve()), "--ddp-worker", "--ddp-base", str(args.ddp_base),
                    "--batch", str(args.batch), "--size", str(args.size), "--warmup", str(args.warmup),
                    "--steps", str(args.steps)]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+        env["OMP_NUM_THREADS"] = str(threads)
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or not lines:
@@ -128,9 +135,10 @@ def ddp_table(args: argparse.Namespace) -> list[str]:
                                f"{result.stderr.strip().splitlines()[-1:]}")
         measured = json.loads(lines[-1])
         single = single or measured["images_per_s"]
-        efficiency = measured["images_per_s"] / (processes * single)
-        rows.append(f"| {processes} | {measured['threads']} | {measured['images_per_s']:.1f} | {efficiency:.0%} |")
-        print(f"  {processes} DDP process(es): {measured['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
+        efficiency = f"{measured['images_per_s'] / (processes * single):.0%}" if threads == 1 else "(reference)"
+        rows.append(f"| {processes} | {measured['threads']} | {measured['images_per_s']:.1f} | {efficiency} |")
+        print(f"  {processes} DDP process(es) x {threads} thread(s): {measured['images_per_s']:.1f} images/s",
+              file=sys.stderr, flush=True)
     return rows
 
 
