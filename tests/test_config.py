@@ -22,6 +22,7 @@ def test_repository_params_load():
     ({"model": {"target": "labels"}}, "model.target='labels'"),
     ({"model": {"spatial_dims": 4}}, "model.spatial_dims=4: expected 2 or 3"),
     ({"evaluate": {"overlap": 1.0}}, "evaluate.overlap=1.0"),
+    ({"preprocess": {"target_spacing": [1.0, 0.0, 1.0]}}, "preprocess.target_spacing=(1.0, 0.0, 1.0)"),
     ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold=1.5"),
     ({"data": {"test_cases": ["a"], "val_cases": ["a"]}}, "data.val_cases=['a']"),
     ({"train": {"batchsize": 8}}, "unknown params key train.batchsize"),

@@ -106,3 +106,29 @@ def test_real_case_round_trip(samples):
     brain = image[0] != 0
     assert abs(float(image[0][brain].mean())) < 1e-3
     assert float(image[0][brain].std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_resampling_changes_grid_and_spacing(tmp_path):
+    case, _ = _synthetic_case(tmp_path, RAS)  # spacing 1.2 x 1.0 x 2.5 mm
+    image, label, record = prepare_case(case, target_spacing=(1.0, 1.0, 1.25))
+    assert record["cropped_shape"] == [21, 19, 8]
+    assert image.shape == (2, 25, 19, 16)
+    assert label.shape == (25, 19, 16)
+    assert record["spacing_mm"] == [1.0, 1.0, 1.25]
+    assert record["original_spacing_mm"] == pytest.approx([1.2, 1.0, 2.5])
+
+
+def test_resampling_round_trip_restores_geometry(tmp_path):
+    case, original = _synthetic_case(tmp_path, RAS)
+    _, label, record = prepare_case(case, target_spacing=(1.0, 1.0, 1.25))
+    restored = restore_geometry(label, record)
+    assert restored.shape == original.shape
+    tumour, back = original > 0, restored > 0
+    dice = 2 * np.logical_and(tumour, back).sum() / (tumour.sum() + back.sum())
+    assert dice > 0.9
+
+
+def test_resampling_to_own_spacing_is_identity(tmp_path):
+    case, original = _synthetic_case(tmp_path, RAS)
+    _, label, record = prepare_case(case, target_spacing=(1.2, 1.0, 2.5))
+    assert np.array_equal(restore_geometry(label, record), original)

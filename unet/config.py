@@ -47,10 +47,15 @@ class PreprocessConfig:
     """Voxels added on each side of the brain bounding box."""
     num_workers: int = 1
     """Worker processes; 1 runs in the calling process."""
+    target_spacing: tuple[float, ...] | None = None
+    """Voxel size in mm per RAS axis to resample to after cropping; None keeps each case's own spacing."""
 
     def __post_init__(self) -> None:
         _require(self.margin >= 0, "preprocess.margin", self.margin, "an integer >= 0")
         _require(self.num_workers >= 1, "preprocess.num_workers", self.num_workers, "an integer >= 1")
+        if self.target_spacing is not None:
+            _require(len(self.target_spacing) == 3 and all(float(v) > 0 for v in self.target_spacing),
+                     "preprocess.target_spacing", self.target_spacing, "three positive numbers (mm) or null")
 
 
 @dataclass(frozen=True)

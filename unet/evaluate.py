@@ -53,7 +53,8 @@ def segment_case(
     if missing:
         raise ValueError(f"case {case.case_id}: modality {missing[0]} is missing; the model expects {expected}")
     ordered = CaseFiles(case.case_id, {m: case.images[m] for m in expected}, None, case.mask, None)
-    image, _, record = prepare_case(ordered, metadata.get("preprocessing", {}).get("margin", 0))
+    settings = metadata.get("preprocessing", {})
+    image, _, record = prepare_case(ordered, settings.get("margin", 0), settings.get("target_spacing"))
     labels = segment_volume(model, image, metadata, batch_size, mirror_axes=mirror_axes)
     restored = restore_geometry(labels, record)
     reference = nib.load(str(next(iter(ordered.images.values()))))

@@ -7,8 +7,12 @@ Order of operations per case, and why:
    any modality), which removes about half of the voxels of a skull-stripped BraTS volume.
 3. Z-score each modality with the mean and standard deviation of the brain voxels only, since
    the background would dominate the statistics; voxels outside the brain are set to 0.
+4. Optionally resample to `preprocess.target_spacing`: linear for images, nearest for labels.
+   Normalising before resampling keeps interpolation from mixing brain and background
+   statistics, as nnU-Net does.
 
-The inverse (`restore_geometry`) pads the crop back to the RAS shape, then undoes the
+The inverse (`restore_geometry`) undoes these in reverse: resamples back to the crop's
+shape (nearest for labels), pads the crop back to the RAS shape, then undoes the
 reorientation, which gives exactly the array layout of the original files.
 
 Output per case in OUT/<case_id>/: `image.npy` float32 (C, X, Y, Z) in the channel order of
@@ -88,7 +92,20 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def resample(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    """Resample the last three axes of (X, Y, Z) or (C, X, Y, Z) to exactly `shape` (order 0 nearest, 1 linear)."""
+    from scipy import ndimage
+
+    spatial = array.shape[-3:]
+    factors = [target / size for target, size in zip(shape, spatial)]
+    if array.ndim == 3:
+        return ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    return np.stack([ndimage.zoom(channel, factors, order=order, mode="nearest", grid_mode=True) for channel in array])
+
+
+def prepare_case(
+    case: CaseFiles, margin: int = 0, target_spacing: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Preprocess one case in memory; returns (image (C, X, Y, Z) float32, label (X, Y, Z) uint8 or None, record).
 
     The record contains what `restore_geometry` needs to map arrays back to the original files.
@@ -137,6 +154,14 @@ def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarr
         label = np.ascontiguousarray(reorient(label_array, transform)[crop])
 
     ras_affine = affine @ _orientation_affine(transform, reference.shape[:3])
+    spacing = [float(z) for z in np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))]
+    cropped_shape = list(brain.shape)
+    if target_spacing is not None:
+        resampled_shape = tuple(max(1, round(size * own / float(target)))
+                                for size, own, target in zip(cropped_shape, spacing, target_spacing))
+        image = resample(image, resampled_shape, order=1)
+        if label is not None:
+            label = resample(label, resampled_shape, order=0)
     sources = {**case.images, **({"label": case.label} if case.label else {}), **({"mask": case.mask} if case.mask else {})}
     record = {
         "original_shape": [int(s) for s in reference.shape[:3]],
@@ -145,7 +170,9 @@ def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarr
         "ras_transform": transform.tolist(),
         "ras_shape": _reoriented_shape(reference.shape[:3], transform),
         "crop_box": box,
-        "spacing_mm": [float(z) for z in np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))],
+        "cropped_shape": cropped_shape,
+        "original_spacing_mm": spacing,
+        "spacing_mm": [float(v) for v in target_spacing] if target_spacing is not None else spacing,
         "shape": [int(s) for s in image.shape],
         "has_label": label is not None,
         "intensity": stats,
@@ -156,9 +183,11 @@ def prepare_case(case: CaseFiles, margin: int = 0) -> tuple[np.ndarray, np.ndarr
     return image, label, record
 
 
-def preprocess_case(case: CaseFiles, out_dir: Path, margin: int = 0) -> dict[str, Any]:
+def preprocess_case(
+    case: CaseFiles, out_dir: Path, margin: int = 0, target_spacing: tuple[float, ...] | None = None
+) -> dict[str, Any]:
     """Preprocess one case into OUT/<case_id>/ (written atomically) and return its manifest record."""
-    image, label, record = prepare_case(case, margin)
+    image, label, record = prepare_case(case, margin, target_spacing)
     staging = out_dir / f".{case.case_id}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -185,11 +214,16 @@ def _orientation_affine(transform: np.ndarray, shape: tuple[int, ...]) -> np.nda
 
 
 def restore_geometry(array: np.ndarray, record: dict[str, Any], fill: float = 0) -> np.ndarray:
-    """Undo the crop and the reorientation of `preprocess_case`.
+    """Undo the resampling, the crop and the reorientation of `preprocess_case`.
 
-    `array` is (X, Y, Z) or (C, X, Y, Z) in the cropped RAS grid; the result has the
-    original file's voxel layout, ready to save with its affine.
+    `array` is (X, Y, Z) or (C, X, Y, Z) in the preprocessed grid; the result has the
+    original file's voxel layout, ready to save with its affine. Integer arrays (labels) are
+    resampled with nearest neighbours, floating-point ones linearly.
     """
+    cropped_shape = tuple(record.get("cropped_shape", array.shape[-3:]))
+    if tuple(array.shape[-3:]) != cropped_shape:
+        order = 1 if np.issubdtype(array.dtype, np.floating) else 0
+        array = resample(array, cropped_shape, order)
     ras_shape = tuple(record["ras_shape"])
     crop = tuple(slice(start, stop) for start, stop in record["crop_box"])
     leading = array.shape[:-3]
@@ -217,10 +251,10 @@ def resolve_split(params: Params, dataset_split: dict[str, list[str]], labelled:
     return {"train": train, "val": val, "test": test}
 
 
-def _worker(args: tuple[CaseFiles, Path, int]) -> tuple[str, dict[str, Any] | None, str | None]:
-    case, out_dir, margin = args
+def _worker(args: tuple[CaseFiles, Path, int, tuple[float, ...] | None]) -> tuple[str, dict[str, Any] | None, str | None]:
+    case, out_dir, margin, target_spacing = args
     try:
-        return case.case_id, preprocess_case(case, out_dir, margin), None
+        return case.case_id, preprocess_case(case, out_dir, margin, target_spacing), None
     except ValueError as error:
         return case.case_id, None, str(error)
 
@@ -248,7 +282,7 @@ def run(params: Params, strict: bool = False) -> dict[str, Any]:
             valid.append(case)
 
     records: dict[str, Any] = {}
-    jobs = [(case, out_dir, params.preprocess.margin) for case in valid]
+    jobs = [(case, out_dir, params.preprocess.margin, params.preprocess.target_spacing) for case in valid]
     progress = tqdm(total=len(jobs), desc="preprocess", unit="case")
     if params.preprocess.num_workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=params.preprocess.num_workers) as pool:
@@ -271,7 +305,8 @@ def run(params: Params, strict: bool = False) -> dict[str, Any]:
         "dataset": info.name,
         "modalities": info.modalities,
         "settings": {"orientation": "RAS", "crop": "brain bounding box", "normalisation": "z-score inside brain",
-                     "margin": params.preprocess.margin},
+                     "margin": params.preprocess.margin,
+                     "target_spacing": list(params.preprocess.target_spacing) if params.preprocess.target_spacing else None},
         "split": split,
         "cases": dict(sorted(records.items())),
         "skipped": skipped,
