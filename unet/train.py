@@ -478,7 +478,7 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
 
     start_epoch, best_dice, history, run_id = 1, -1.0, [], None
     latest = out_dir / LATEST_CHECKPOINT
-    if not resume and cfg.auto_resume and context.is_main:
+    if not resume and cfg.auto_resume and context.is_main and latest.is_file():
         # A re-run of the stage (for example after a cancelled flow run) continues an unfinished
         # run instead of starting over, but never mixes runs of different settings or data.
         resume, reason = resume_decision(latest, params, manifest)
