@@ -91,3 +91,20 @@ def test_promote_checks_region_drop(client):
     client.set_registered_model_alias(NAME, "staging", "1")
     with pytest.raises(ValueError, match="ET Dice drops by 0.4000"):
         promote(NAME, "staging", "2", max_region_drop=0.05)
+
+
+def test_rollback_after_registration_moved_alias(client):
+    # The register stage moves the alias through the same history as unet promote.
+    from unet.registry import move_alias
+
+    move_alias(client, NAME, "staging", "1", None)
+    move_alias(client, NAME, "staging", "2", "1")
+    rollback(NAME, "staging")
+    assert str(client.get_model_version_by_alias(NAME, "staging").version) == "1"
+
+
+def test_promote_current_holder_is_noop(client):
+    promote(NAME, "staging", "2")
+    message = promote(NAME, "staging", "2")
+    assert message == f"staging already points at {NAME} version 2; nothing to do"
+    assert client.get_registered_model(NAME).tags["alias_history.staging"] == "2"

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from unet.registry import decide_promotion, version_scores
+from unet.registry import HISTORY_TAG, decide_promotion, move_alias, version_scores
 
 log = logging.getLogger(__name__)
-
-HISTORY_TAG = "alias_history.{alias}"
-
 
 def _client():
     from mlflow import MlflowClient
@@ -26,18 +23,6 @@ def _holder(client, name: str, alias: str):
         return None
 
 
-def _move(client, name: str, alias: str, version: str, previous: str | None) -> None:
-    """Point the alias at `version` and append the move to the model's alias history tag."""
-    client.set_registered_model_alias(name, alias, version)
-    tag = HISTORY_TAG.format(alias=alias)
-    history = client.get_registered_model(name).tags.get(tag, "")
-    entries = [e for e in history.split(",") if e]
-    if previous is not None and (not entries or entries[-1] != previous):
-        entries.append(previous)
-    entries.append(version)
-    client.set_registered_model_tag(name, tag, ",".join(entries))
-
-
 def promote(
     name: str, alias: str, version: str, force: bool = False, min_improvement: float = 0.0, max_region_drop: float = 1.0
 ) -> str:
@@ -45,6 +30,8 @@ def promote(
     client = _client()
     candidate = client.get_model_version(name, str(version))
     holder = _holder(client, name, alias)
+    if holder is not None and str(holder.version) == str(version):
+        return f"{alias} already points at {name} version {version}; nothing to do"
     if not force:
         new = version_scores(candidate.tags)
         if new is None:
@@ -55,7 +42,7 @@ def promote(
             raise ValueError(f"not promoting {name} version {version}: {reason}; pass --force to override")
     else:
         reason = "forced"
-    _move(client, name, alias, str(version), str(holder.version) if holder else None)
+    move_alias(client, name, alias, str(version), str(holder.version) if holder else None)
     client.set_model_version_tag(name, str(version), f"promotion.{alias}", "promoted by hand")
     client.set_model_version_tag(name, str(version), f"promotion.{alias}.reason", reason)
     return f"{alias} -> {name} version {version} ({reason})"
@@ -75,5 +62,7 @@ def rollback(name: str, alias: str) -> str:
     previous = entries[-1]
     client.set_registered_model_alias(name, alias, previous)
     client.set_registered_model_tag(name, tag, ",".join(entries))
-    client.set_model_version_tag(name, previous, f"promotion.{alias}", f"rolled back to (from version {holder.version if holder else '?'})")
+    client.set_model_version_tag(name, previous, f"promotion.{alias}", "restored by rollback")
+    client.set_model_version_tag(name, previous, f"promotion.{alias}.reason",
+                                 f"rollback from version {holder.version if holder else 'none'}")
     return f"{alias} rolled back to {name} version {previous}"

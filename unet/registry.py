@@ -30,6 +30,8 @@ from unet.tracking import configure_mlflow, read_run_file
 log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
+# Registered-model tag listing the versions an alias pointed at, oldest first; `unet promote --rollback` reads it.
+HISTORY_TAG = "alias_history.{alias}"
 
 
 class RegistrationError(RuntimeError):
@@ -108,6 +110,18 @@ def decide_promotion(
     return False, f"mean Dice {new['mean_dice']:.4f} does not beat {current['mean_dice']:.4f} by more than {min_improvement}"
 
 
+def move_alias(client, name: str, alias: str, version: str, previous: str | None) -> None:
+    """Point `alias` at `version` and append the move to the model's alias history tag, so it can be rolled back."""
+    client.set_registered_model_alias(name, alias, version)
+    tag = HISTORY_TAG.format(alias=alias)
+    entries = [e for e in client.get_registered_model(name).tags.get(tag, "").split(",") if e]
+    if previous is not None and (not entries or entries[-1] != previous):
+        entries.append(previous)
+    if not entries or entries[-1] != version:
+        entries.append(version)
+    client.set_registered_model_tag(name, tag, ",".join(entries))
+
+
 def version_scores(tags: dict[str, str]) -> dict[str, float] | None:
     """Read the mean and per-region Dice that registration stored as version tags (None if absent)."""
     if "metric.mean_dice" not in tags:
@@ -183,7 +197,7 @@ def register(params: Params, root: Path = Path("."), allow_dirty: bool = False) 
     else:
         promote, reason = decide_promotion(new_scores, current, cfg.min_improvement, cfg.max_region_drop)
     if promote:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
+        move_alias(client, cfg.model_name, cfg.alias, str(version.version), str(current["version"]) if current else None)
     client.set_model_version_tag(cfg.model_name, version.version, f"promotion.{cfg.alias}", "promoted" if promote else "rejected")
     client.set_model_version_tag(cfg.model_name, version.version, f"promotion.{cfg.alias}.reason", reason)
     log.info("registered %s version %s; %s %s: %s", cfg.model_name, version.version,
