@@ -37,3 +37,10 @@ def test_invalid_params_name_the_key(raw, message):
 def test_missing_params_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="params file .* not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_params_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ValueError, match=r"is not valid YAML at line 3, column 1"):
+        load_params(path)

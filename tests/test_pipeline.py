@@ -161,6 +161,16 @@ def test_predict_from_registry_keeps_geometry(pipeline, cropped_source, tmp_path
         assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2, 4}
 
 
+def test_predict_from_other_folder_uses_project_registry(pipeline, cropped_source, tmp_path):
+    # A relative sqlite:/// path in params.yaml is the project's registry, wherever the command runs.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _run(["unet", "predict", "-i", str(cropped_source), "-o", str(tmp_path / "masks"), "--model",
+          "models:/brain-tumor-unet@staging", "--params", str(pipeline["repo"] / "params.yaml")], elsewhere)
+    assert (tmp_path / "masks" / "BraTS2021_00006.nii.gz").is_file()
+    assert not (elsewhere / "mlflow.db").exists()
+
+
 def test_predict_canonical_on_request(pipeline, cropped_source, tmp_path):
     out = tmp_path / "masks"
     _run(["unet", "predict", "-i", str(cropped_source), "-o", str(out), "--model", "model/checkpoint.pt",

@@ -135,6 +135,9 @@ def _score_folders(args: argparse.Namespace) -> int:
                                     args.label_convention, penalty_mm)
     for case_id, reason in skipped.items():
         print(f"skipped {case_id}: {reason}", file=sys.stderr)
+    if not scores and skipped:
+        print("error: no case could be scored; see the reasons above", file=sys.stderr)
+        return 1
     if not scores:
         print(f"error: no case could be scored; predictions in {args.predictions} and labels in {args.labels} "
               "need matching case ids (<case_id>.nii.gz)", file=sys.stderr)
@@ -170,9 +173,13 @@ def _predict(args: argparse.Namespace) -> int:
     from unet.tracking import configure_mlflow
 
     if args.model.startswith(("models:/", "runs:/")):
-        configure_mlflow(load_params(args.params).tracking)
+        configure_mlflow(load_params(args.params).tracking, Path(args.params).resolve().parent)
     failures = predict(Path(args.input), Path(args.output), args.model, Path(args.spec) if args.spec else None,
                        label_convention=args.label_convention, tta=args.tta)
+    written = len(list(Path(args.output).glob("*.nii.gz"))) if Path(args.output).is_dir() else 0
+    if failures and not written:
+        print(f"error: no mask written; {len(failures)} case(s) skipped, see the reasons above", file=sys.stderr)
+        return 1
     print(f"wrote masks to {args.output}" + (f"; {len(failures)} case(s) skipped" if failures else ""))
     return 1 if failures else 0
 
@@ -182,13 +189,14 @@ def _promote(args: argparse.Namespace) -> int:
     from unet.promote import promote, rollback
     from unet.tracking import configure_mlflow
 
+    if not args.rollback and args.version is None:
+        print("usage error: pass --version N to promote, or --rollback to move the alias back", file=sys.stderr)
+        return 2
     params = load_params(args.params)
-    configure_mlflow(params.tracking)
+    configure_mlflow(params.tracking, Path(args.params).resolve().parent)
     if args.rollback:
         message = rollback(args.name, args.alias)
     else:
-        if args.version is None:
-            raise ValueError("pass --version N to promote, or --rollback to move the alias back")
         message = promote(args.name, args.alias, args.version, force=args.force,
                           min_improvement=params.register.min_improvement,
                           max_region_drop=params.register.max_region_drop)
@@ -201,8 +209,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     from unet.reproduce import reproduce
     from unet.tracking import configure_mlflow
 
-    configure_mlflow(load_params(args.params).tracking)
-    result = reproduce(args.model, tolerance=args.tolerance, keep=args.keep)
+    configure_mlflow(load_params(args.params).tracking, Path(args.params).resolve().parent)
+    result = reproduce(args.model, root=Path(args.params).resolve().parent, tolerance=args.tolerance, keep=args.keep)
     print(f"{'':<10}{'recorded':>10}{'reproduced':>12}{'difference':>12}")
     for key, row in result["comparison"].items():
         print(f"{key:<10}{row['recorded']:>10.4f}{row['reproduced']:>12.4f}{row['difference']:>12.4f}")

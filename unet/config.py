@@ -169,8 +169,13 @@ class TrackingConfig:
     """Artifact root for a new experiment: a local folder or s3://bucket/prefix."""
     experiment: str = "brain-tumor-unet"
 
-    def resolved_tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+    def resolved_tracking_uri(self, base_dir: Path | None = None) -> str:
+        """Return the tracking URI to use; a relative SQLite path is taken relative to `base_dir` (the params file's folder)."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        prefix = "sqlite:///"
+        if base_dir is not None and uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+            uri = prefix + str((Path(base_dir) / uri[len(prefix):]).resolve())
+        return uri
 
 
 @dataclass(frozen=True)
@@ -238,8 +243,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file {path} not found; run from the project root or pass --params")
-    with path.open() as handle:
-        raw = yaml.safe_load(handle) or {}
+    try:
+        with path.open() as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', error)}; fix the syntax there") from error
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of blocks (data, preprocess, model, ...)")
     return params_from_dict(raw)

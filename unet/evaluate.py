@@ -49,7 +49,7 @@ def segment_case(
     whose header the mask should be saved with). `mirror_axes` enables test-time mirroring.
     """
     expected = list(metadata["modalities"])
-    missing = [m for m in expected if m not in case.images]
+    missing = [m for m in expected if m not in case.images or not Path(case.images[m]).is_file()]
     if missing:
         raise ValueError(f"case {case.case_id}: modality {missing[0]} is missing; the model expects {expected}")
     ordered = CaseFiles(case.case_id, {m: case.images[m] for m in expected}, None, case.mask, None)
@@ -170,14 +170,16 @@ def score_folders(
     skipped: dict[str, str] = {}
     for case_id in sorted(set(predictions) - set(labels)):
         skipped[case_id] = f"no label in {labels_dir}"
-    for case_id in sorted(set(labels) - set(predictions)):
-        skipped[case_id] = f"no prediction in {predictions_dir}"
+    unpredicted = sorted(set(labels) - set(predictions))
+    if unpredicted:
+        # Scoring a subset of a labelled dataset is normal, so these are reported, not failures.
+        log.info("%d labelled case(s) have no prediction and are not scored: %s", len(unpredicted), ", ".join(unpredicted[:5]))
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for case_id in tqdm(sorted(set(predictions) & set(labels)), desc="score", unit="case"):
         try:
             scores[case_id] = score_files(predictions[case_id], labels[case_id], penalty_mm, source, label_convention)
         except ValueError as error:
-            skipped[case_id] = str(error)
+            skipped[case_id] = f"{error} (predictions are read in --label-convention {convention})"
     for case_id, reason in skipped.items():
         log.debug("skipped case %s: %s", case_id, reason)
     if scores:
@@ -286,6 +288,10 @@ def predict(
     from unet.ingest import detect_spec, load_spec, resolve_spec
 
     input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input folder {input_dir} not found; pass the folder that contains the cases")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} is a file; pass a folder for the masks")
     if (input_dir / "dataset.yaml").is_file():
         info, cases = discover_cases(input_dir)
         own = {case.case_id: info.source_conventions.get(case.case_id) for case in cases}

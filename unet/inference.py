@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[UNe
         raise FileNotFoundError(f"checkpoint {path} not found; pass a checkpoint file or a models:/ URI")
     # The checkpoint holds plain Python metadata next to tensors, so the full unpickler is needed;
     # only load checkpoints from a source you trust.
-    state = torch.load(path, map_location=device, weights_only=False)
-    if "model" not in state or "model_config" not in state:
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{path} is not a checkpoint written by `unet train` ({error}); pass model/checkpoint.pt "
+                         "or a models:/ URI") from error
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise ValueError(f"{path} is not a checkpoint written by `unet train` (missing 'model' or 'model_config')")
     model = UNet(**state["model_config"])
     model.load_state_dict(state["model"])
@@ -143,6 +148,8 @@ def resolve_model(model_ref: str, download_dir: Path | None = None) -> Path:
         return Path(model_ref)
     import mlflow
 
+    if model_ref.startswith("models:/") and "/" not in model_ref[len("models:/"):] and "@" not in model_ref:
+        raise ValueError(f"model URI {model_ref} names no version or alias; use {model_ref}@staging or {model_ref}/VERSION")
     log.info("downloading %s from %s", model_ref, mlflow.get_tracking_uri())
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref, dst_path=str(download_dir) if download_dir else None))
     candidates = sorted(local.rglob(CHECKPOINT_ARTIFACT))

@@ -162,7 +162,8 @@ def read_dataset(data_dir: Path) -> DatasetInfo:
     spec_path = Path(data_dir) / DATASET_FILE
     if not spec_path.is_file():
         raise FileNotFoundError(
-            f"{spec_path} not found; `unet ingest SOURCE {data_dir}` writes it (or check the data directory)"
+            f"{spec_path} not found: {data_dir} is not an ingested dataset; run `unet ingest SOURCE DEST` "
+            "on the raw cases first, then use DEST"
         )
     try:
         raw = yaml.safe_load(spec_path.read_text()) or {}

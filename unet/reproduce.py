@@ -109,6 +109,8 @@ def reproduce(model_uri: str, root: Path = Path("."), tolerance: float | None = 
 
         env = dict(os.environ)
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+        # The stages must run the recorded commit's code, not the editable install of this checkout.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(worktree), env.get("PYTHONPATH")]))
         log.info("running dvc repro for %s at commit %s in %s", model_uri, commit[:12], worktree)
         # --no-run-cache: restoring outputs that DVC's run-cache saved earlier would not reproduce anything.
         repro = subprocess.run(["dvc", "repro", "--no-run-cache"], cwd=worktree, env=env)

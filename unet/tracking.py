@@ -19,21 +19,26 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
-def configure_mlflow(tracking: TrackingConfig) -> str:
-    """Point MLflow at the configured store, create the experiment if needed, and return its id."""
+def configure_mlflow(tracking: TrackingConfig, base_dir: Path | None = None) -> str:
+    """Point MLflow at the configured store, create the experiment if needed, and return its id.
+
+    Relative paths in the settings (a sqlite:/// file, a local artifact folder) are taken
+    relative to `base_dir`, the folder of the params file; None means the working directory,
+    which is the project root for the dvc.yaml stages.
+    """
     # Telemetry and update checks stay off in everything the project starts.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     import mlflow
 
-    uri = tracking.resolved_tracking_uri()
+    uri = tracking.resolved_tracking_uri(base_dir)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
     location = tracking.artifact_location
     if "://" not in location:
-        location = Path(location).resolve().as_uri()
+        location = (Path(base_dir or ".") / location).resolve().as_uri()
     log.info("creating MLflow experiment %s (tracking %s, artifacts %s)", tracking.experiment, uri, location)
     try:
         return mlflow.create_experiment(tracking.experiment, artifact_location=location)
