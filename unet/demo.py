@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     print("  model checkpoint        model/checkpoint.pt")
     print("  predictions (NIfTI)     predictions/")
     print("  metrics                 metrics.json, reports/per_case.csv, reports/train_history.csv")
-    print(f"  MLflow                  {registration['tracking_uri']} (browse: mlflow ui --backend-store-uri {registration['tracking_uri']})")
+    print("  overlays (PNG)          reports/overlays/")
+    print(f"  MLflow                  {registration['tracking_uri']}, artifacts in mlartifacts/")
+    print(f"                          browse: .venv/bin/mlflow ui --backend-store-uri {registration['tracking_uri']}")
     print(f"  registered model        {registration['model_uri']} (run {registration['run_id']})")
     status = "now points at it" if registration["promoted"] else "unchanged"
     print(f"  alias {registration['alias']:<17} {status}: {registration['reason']}")

@@ -13,10 +13,10 @@ it. The decision and its numbers are stored as model version tags.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,9 @@ def log_model(checkpoint: Path, metadata: dict[str, Any]):
     # Requirements without local version labels such as "+cpu", which pip cannot resolve elsewhere.
     torch_version = torch.__version__.split("+")[0]
     requirements = [f"torch=={torch_version}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+    # MLflow suggests type hints on predict() for its own input validation; the explicit
+    # tensor signature below already describes the input, so that warning is only noise.
+    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=model,
