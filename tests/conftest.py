@@ -26,6 +26,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+# Params for end-to-end runs of the whole pipeline that finish in about a minute on 2 cores.
+TINY_PIPELINE_PARAMS = {
+    "data": {"test_cases": ["BraTS2021_00006"]},
+    "preprocess": {"num_workers": 1},
+    "model": {"base_channels": 4},
+    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "patch_size": 32, "log_every": 1},
+    "evaluate": {"batch_size": 8},
+}
+
+
 def samples_dir() -> Path:
     return Path(os.environ.get("UNET_SAMPLES", REPO.parent / "shared" / "data" / "real"))
 

@@ -47,18 +47,12 @@ from flows.config import IngestFlowConfig, IngestSettings, RetrainFlowConfig, Tr
 from flows.pipeline import ingest_flow, retrain_on_new_data, train_flow
 from flows.process import run_command
 from test_s3_ingest import FlakyProxy
-from conftest import copy_project
+from conftest import TINY_PIPELINE_PARAMS, copy_project
 from unet import s3
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("preprocess", "train", "evaluate", "register")
-TINY_PARAMS = {
-    "data": {"test_cases": ["BraTS2021_00006"]},
-    "preprocess": {"num_workers": 1},
-    "model": {"base_channels": 4},
-    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "patch_size": 32, "log_every": 1},
-    "evaluate": {"batch_size": 8},
-}
+TINY_PARAMS = TINY_PIPELINE_PARAMS
 TORCHRUN = "python -m torch.distributed.run --standalone --nproc_per_node=2 --no-python"
 # A number no other process on the machine has on its command line: the cancellation test finds its processes by it.
 MARKER = f"3000.{random.randint(10**5, 10**6)}"

@@ -17,16 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import copy_project
+from conftest import TINY_PIPELINE_PARAMS, copy_project
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_PARAMS = {
-    "data": {"test_cases": ["BraTS2021_00006"]},
-    "preprocess": {"num_workers": 1},
-    "model": {"base_channels": 4},
-    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "patch_size": 32, "log_every": 1},
-    "evaluate": {"batch_size": 8},
-}
+TINY_PARAMS = TINY_PIPELINE_PARAMS
 
 
 def _environment() -> dict[str, str]:

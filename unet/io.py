@@ -95,6 +95,18 @@ def load_volume(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray
     return array, image
 
 
+def publish_temporary(temporary: str | Path, path: Path) -> None:
+    """Rename a finished temporary file onto `path`, with the usual umask-based mode.
+
+    mkstemp creates files readable by the owner only, which other users of a shared dataset
+    or cache could not read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
+
+
 def write_bytes_atomic(data: bytes, path: Path) -> None:
     """Write bytes to `path` through a temporary file in the same folder, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,11 +114,7 @@ def write_bytes_atomic(data: bytes, path: Path) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
-        # mkstemp creates files readable by the owner only; give them the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
+        publish_temporary(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -32,7 +32,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from unet.io import write_bytes_atomic
+from unet.io import publish_temporary, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -362,11 +362,7 @@ def _download_object(client: Any, bucket: str, key: str, etag: str, size: int, t
         written = os.path.getsize(temporary)
         if written != size:
             raise IncompleteReadError(actual_bytes=written, expected_bytes=size)
-        # mkstemp creates files readable by the owner only; give them the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, target)
+        publish_temporary(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
