@@ -5,10 +5,12 @@ The model is logged as an MLflow pyfunc whose artifact is the training checkpoin
 one input shape), it runs at any batch size and spatial size, and `unet predict` reads the
 checkpoint from it directly.
 
-Promotion: every new version gets the alias `challenger`. The configured alias (default
-`staging`) moves to it only if its mean Dice over WT, TC and ET beats the version holding the
-alias by more than `register.min_improvement` on the same test split, or if no version holds
-it. The decision and its numbers are stored as model version tags.
+Promotion: every new version gets the alias `challenger`. When no version has the configured
+alias (default `staging`), the alias moves to the new version. Otherwise three conditions
+must all be met. Both versions were evaluated on the same test split. The new mean Dice over
+WT, TC and ET beats the current one by more than `register.min_improvement`. No region's Dice
+drops by more than `register.max_region_drop`. The decision and its numbers are stored as
+model version tags, and every move of the alias is recorded so that it can be rolled back.
 """
 
 from __future__ import annotations
