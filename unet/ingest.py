@@ -316,7 +316,7 @@ def ingest(
     previous = read_dataset(dest) if (dest / "dataset.yaml").is_file() else None
     if previous is not None and previous.modalities != spec.modalities:
         raise IngestError(
-            f"{dest} holds a dataset with modalities {previous.modalities}, the source has {spec.modalities}; "
+            f"{dest} contains a dataset with modalities {previous.modalities}, the source has {spec.modalities}; "
             "ingest into an empty folder"
         )
 

@@ -502,7 +502,7 @@ def train(params: Params, context: DistributedContext, resume: bool = False) -> 
             _restore_rng(rng_states[context.rank], context.device)
         elif context.is_main:
             # An elastic restart may change the world size; ranks then keep their fresh seeds.
-            log.warning("checkpoint holds RNG states of %d rank(s), this run has %d; ranks keep seed + rank",
+            log.warning("checkpoint contains RNG states of %d rank(s), this run has %d; ranks keep seed + rank",
                         len(rng_states), context.world_size)
         log.info("resumed from %s at epoch %d", latest, start_epoch)
 
