@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -23,12 +22,8 @@ from flows.process import DEFAULT_GRACE_PERIOD_S, child_environment, run_command
 from unet.config import load_params
 from unet.ingest import IngestReport, ingest
 from unet.s3 import S3Error
+from unet.tools import dvc_command
 from unet.validate import validate_dataset
-
-
-def dvc_command(*args: str) -> list[str]:
-    """Build a dvc command line that uses the flow's own environment, whatever PATH contains."""
-    return [sys.executable, "-m", "dvc", *args]
 
 
 def dvc_file_md5(dvc_file: Path) -> str | None:

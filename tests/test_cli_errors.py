@@ -51,3 +51,16 @@ def test_promote_without_version_is_usage_error(tmp_path):
     result = _unet("promote", "brain-tumor-unet", cwd=tmp_path)
     assert result.returncode == 2
     assert "pass --version N to promote, or --rollback" in result.stderr
+
+
+def test_ingest_runs_dvc_without_venv_on_path(cropped_source, tmp_path):
+    # `.venv/bin/unet` is often run without the virtual environment on PATH; dvc must still be found.
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run([sys.executable, "-m", "unet.cli", "ingest", str(cropped_source), "data"], cwd=project,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (project / "data.dvc").is_file()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from unet.cli import QUIET_ENVIRONMENT, print_dice_table
+from unet.tools import dvc_command, tool_environment
 
 
 def _step(title: str) -> float:
@@ -20,7 +21,7 @@ def _step(title: str) -> float:
 
 def _run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
-    result = subprocess.run(command)
+    result = subprocess.run(command, env=tool_environment())
     if result.returncode != 0:
         raise SystemExit(f"error: `{' '.join(command)}` failed with exit code {result.returncode}; see its output above")
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     timings = {}
     started = _step(f"ingest {samples} -> {args.data}/ ({args.spec})")
-    _run(["unet", "ingest", str(samples), args.data, "--spec", args.spec])
+    _run([sys.executable, "-m", "unet.cli", "ingest", str(samples), args.data, "--spec", args.spec])
     timings["ingest"] = time.perf_counter() - started
 
     changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", f"{args.data}.dvc"]).returncode != 0
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["UNET_ALLOW_DIRTY"] = "1"
 
     started = _step("dvc repro (preprocess -> train -> evaluate -> register)")
-    _run(["dvc", "repro"])
+    _run(dvc_command("repro"))
     timings["dvc repro"] = time.perf_counter() - started
 
     metrics = json.loads(Path("metrics.json").read_text())

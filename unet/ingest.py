@@ -40,6 +40,7 @@ import yaml
 from unet.decathlon import is_decathlon, split_to_staging
 from unet.io import CaseFiles, DatasetInfo, load_volume, read_dataset, save_like, write_bytes_atomic, write_dataset
 from unet.labels import get_convention
+from unet.tools import dvc_command
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +256,11 @@ def track_with_dvc(dest: Path) -> Path | None:
     if root is None:
         log.info("%s is not inside a DVC repository; skipping dvc add", dest)
         return None
-    subprocess.run(["dvc", "add", "--quiet", str(dest.resolve())], cwd=root, check=True)
-    remote = subprocess.run(["dvc", "remote", "default"], cwd=root, capture_output=True, text=True)
+    subprocess.run(dvc_command("add", "--quiet", str(dest.resolve())), cwd=root, check=True)
+    remote = subprocess.run(dvc_command("remote", "default"), cwd=root, capture_output=True, text=True)
     if remote.returncode == 0 and remote.stdout.strip():
         log.info("pushing %s to DVC remote %s", dest, remote.stdout.strip())
-        subprocess.run(["dvc", "push", "--quiet", f"{dest.resolve()}.dvc"], cwd=root, check=True)
+        subprocess.run(dvc_command("push", "--quiet", f"{dest.resolve()}.dvc"), cwd=root, check=True)
     return dest.resolve().with_name(dest.name + ".dvc")
 
 

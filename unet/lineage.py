@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from unet.tools import dvc_command
+
 log = logging.getLogger(__name__)
 
 # Paths whose uncommitted changes make a model unreproducible from its commit. Files the
@@ -58,10 +60,10 @@ def dvc_hashes(root: Path, data_dir: str = "data", preprocessed_dir: str = "prep
 
 
 def dvc_remote_url(root: Path) -> str | None:
-    result = subprocess.run(["dvc", "remote", "list"], cwd=root, capture_output=True, text=True)
+    result = subprocess.run(dvc_command("remote", "list"), cwd=root, capture_output=True, text=True)
     if result.returncode != 0 or not result.stdout.strip():
         return None
-    default = subprocess.run(["dvc", "remote", "default"], cwd=root, capture_output=True, text=True).stdout.strip()
+    default = subprocess.run(dvc_command("remote", "default"), cwd=root, capture_output=True, text=True).stdout.strip()
     remotes = dict(line.split(None, 1) for line in result.stdout.splitlines() if len(line.split(None, 1)) == 2)
     return remotes.get(default) or next(iter(remotes.values()), None)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from unet.labels import REGIONS
 from unet.registry import version_scores
+from unet.tools import dvc_command, tool_environment
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,14 @@ def resolve_version(model_uri: str):
 def _checkout_data(worktree: Path, root: Path, data_md5: str, data_dir: str) -> None:
     """Check out DATA.dvc's data in the worktree from this repository's cache, or pull it from the remote."""
     cache = root / ".dvc" / "cache"
-    _run(["dvc", "cache", "dir", "--local", str(cache)], worktree)
+    _run(dvc_command("cache", "dir", "--local", str(cache)), worktree)
     # Only the data: the stage outputs are what the reproduction recomputes.
     target = f"{data_dir}.dvc"
-    if _run(["dvc", "checkout", "--quiet", target], worktree).returncode == 0:
+    if _run(dvc_command("checkout", "--quiet", target), worktree).returncode == 0:
         return
-    pulled = _run(["dvc", "pull", "--quiet", target], worktree)
+    pulled = _run(dvc_command("pull", "--quiet", target), worktree)
     if pulled.returncode != 0:
-        remote = _run(["dvc", "remote", "list"], worktree).stdout.strip() or "no remote configured"
+        remote = _run(dvc_command("remote", "list"), worktree).stdout.strip() or "no remote configured"
         raise ReproductionError(
             f"data {data_md5} is neither in the DVC cache {cache} nor on the DVC remote ({remote}); "
             "run `dvc push` where the data was ingested, or ingest it again"
@@ -107,13 +108,13 @@ def reproduce(model_uri: str, root: Path = Path("."), tolerance: float | None = 
         data_dir = _recorded_params(worktree).data.dir
         _checkout_data(worktree, root, tags.get("data.dvc_md5", "?"), data_dir)
 
-        env = dict(os.environ)
+        env = tool_environment()  # the stages call `unet` by name
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
         # The stages must run the recorded commit's code, not the editable install of this checkout.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(worktree), env.get("PYTHONPATH")]))
         log.info("running dvc repro for %s at commit %s in %s", model_uri, commit[:12], worktree)
         # --no-run-cache: restoring outputs that DVC's run-cache saved earlier would not reproduce anything.
-        repro = subprocess.run(["dvc", "repro", "--no-run-cache"], cwd=worktree, env=env)
+        repro = subprocess.run(dvc_command("repro", "--no-run-cache"), cwd=worktree, env=env)
         if repro.returncode != 0:
             raise ReproductionError(f"dvc repro failed at commit {commit} (exit code {repro.returncode}); see its output above")
         reproduced = json.loads((worktree / "metrics.json").read_text())
