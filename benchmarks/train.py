@@ -15,7 +15,7 @@ Prints one markdown report with three tables:
 3. slices/s that one DataLoader worker makes with AxialPatchDataset (augmentation included),
    against what one training step consumes, and the `train.num_workers` that keeps up.
 
-The data for table 3 is `--data` (a preprocessed folder), default `preprocessed/` when it holds
+The data for table 3 is `--data` (a preprocessed folder), default `preprocessed/` when it contains
 cases, else a synthetic folder of BraTS-sized volumes written to a temporary directory.
 """
 

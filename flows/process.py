@@ -83,7 +83,7 @@ def run_command(
     environment[TAG_VARIABLE] = tag
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     # stderr goes into the same pipe as stdout, which one loop reads to the end, so a child
-    # that writes much to stderr cannot stall on a full pipe that nobody reads.
+    # that writes much to stderr cannot stall on a full pipe that no thread reads.
     process = subprocess.Popen(
         list(command), cwd=cwd, env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True, text=True, encoding="utf-8", errors="replace",

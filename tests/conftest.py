@@ -128,17 +128,27 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_until_answers(port, server, log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout_s=10)
 
 
-def copy_project(dest: Path) -> None:
-    """Copy this project's files (tracked or new, not ignored) into `dest`, without data.dvc, dvc.lock, tests and docs."""
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """Terminate `process`, and kill it if it has not exited after `timeout_s` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def copy_project(dest: Path, params: dict | None = None) -> None:
+    """Copy this project's files (tracked or new, not ignored) into `dest`, without data.dvc, dvc.lock, tests and docs.
+
+    `params` maps params.yaml blocks to keys that override the copied values.
+    """
     import shutil
+
+    import yaml
 
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.splitlines()
@@ -149,6 +159,11 @@ def copy_project(dest: Path) -> None:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    if params:
+        merged = yaml.safe_load((dest / "params.yaml").read_text())
+        for block, values in params.items():
+            merged[block].update(values)
+        (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
 
 
 def make_training_workdir(root: Path, cropped_source: Path, tiny: dict) -> Path:

@@ -283,7 +283,7 @@ def test_tta_rejects_slice_axis(tiny_model):
 
 @pytest.fixture(scope="module")
 def all_et_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint whose output layer says 'every region' everywhere, so every voxel is ET."""
+    """A checkpoint whose output layer predicts every region everywhere, so every voxel is ET."""
     model = UNet(in_channels=4, out_channels=3, base_channels=4)
     with torch.no_grad():
         model.outc.weight.zero_()

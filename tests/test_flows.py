@@ -47,12 +47,11 @@ from flows.config import IngestFlowConfig, IngestSettings, RetrainFlowConfig, Tr
 from flows.pipeline import ingest_flow, retrain_on_new_data, train_flow
 from flows.process import run_command
 from test_s3_ingest import FlakyProxy
-from conftest import TINY_PIPELINE_PARAMS, copy_project
+from conftest import TINY_PIPELINE_PARAMS, copy_project, stop_process
 from unet import s3
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("preprocess", "train", "evaluate", "register")
-TINY_PARAMS = TINY_PIPELINE_PARAMS
 TORCHRUN = "python -m torch.distributed.run --standalone --nproc_per_node=2 --no-python"
 # A number no other process on the machine has on its command line: the cancellation test finds its processes by it.
 MARKER = f"3000.{random.randint(10**5, 10**6)}"
@@ -130,11 +129,7 @@ def _training_project(tmp_path_factory) -> tuple[Path, Path]:
     Returns the checkout and the remote's folder.
     """
     repo = tmp_path_factory.mktemp("project")
-    copy_project(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for block, values in TINY_PARAMS.items():
-        params[block].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(repo, TINY_PIPELINE_PARAMS)
     remote = tmp_path_factory.mktemp("dvc-remote")
     _git(repo, "init", "-q")
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], repo)
@@ -424,12 +419,7 @@ def served(prefect_server, scratch, tmp_path):
         assert server.poll() is None, log.read_text()
         yield server
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout_s=30)
 
 
 def test_cancel_leaves_no_process(stray_killer, served, scratch):

@@ -20,7 +20,6 @@ import yaml
 from conftest import TINY_PIPELINE_PARAMS, copy_project
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_PARAMS = TINY_PIPELINE_PARAMS
 
 
 def _environment() -> dict[str, str]:
@@ -43,11 +42,7 @@ def _git(cwd: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def pipeline(cropped_source, tmp_path_factory):
     repo = tmp_path_factory.mktemp("project")
-    copy_project(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for block, values in TINY_PARAMS.items():
-        params[block].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(repo, TINY_PIPELINE_PARAMS)
     _git(repo, "init", "-q")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "project")

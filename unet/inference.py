@@ -126,7 +126,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[UNe
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass a checkpoint file or a models:/ URI")
-    # The checkpoint holds plain Python metadata next to tensors, so the full unpickler is needed;
+    # The checkpoint contains plain Python metadata next to tensors, so the full unpickler is needed;
     # only load checkpoints from a source you trust.
     try:
         state = torch.load(path, map_location=device, weights_only=False)

@@ -87,5 +87,5 @@ def environment() -> dict[str, Any]:
 
 
 def installed_packages() -> list[str]:
-    """Every installed distribution as `name==version`, sorted (the equivalent of `pip freeze`)."""
+    """Return every installed distribution as `name==version`, sorted (the equivalent of `pip freeze`)."""
     return sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]})

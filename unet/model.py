@@ -64,7 +64,7 @@ class Up(nn.Module):
 
     `upsampling="transpose"` learns the up-sampling with a 2x2 transposed conv that also halves
     the channels; `"bilinear"` (trilinear in 3D) interpolates and keeps them, so the DoubleConv
-    then sees in_channels + skip_channels.
+    then receives in_channels + skip_channels.
     """
 
     def __init__(

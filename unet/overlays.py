@@ -2,7 +2,7 @@
 
 Each overlay shows a few axial slices through the labelled tumour: the slice with the largest
 tumour area and two others at the 25th and 75th percentile of the tumour's axial extent. Every
-row holds one slice, drawn twice side by side: left with the label, right with the prediction,
+row shows one slice, drawn twice side by side: left with the label, right with the prediction,
 each as a translucent colour fill (NCR red, ED green, ET yellow) with the whole-tumour outline.
 
 Volumes are reoriented to RAS+ before slicing, so anterior is up and the patient's right is on

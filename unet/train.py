@@ -309,7 +309,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def model_metadata(params: Params, manifest: dict[str, Any], model: UNet) -> dict[str, Any]:
-    """What inference needs besides the weights: architecture, target, labels and preprocessing."""
+    """Return what inference needs besides the weights: architecture, target, labels and preprocessing."""
     return {
         "model_config": dict(model.config),
         "target": params.model.target,
